@@ -1,0 +1,76 @@
+r"""MobileNetV1 on CIFAR-10: the Keras reference recipe and its presets.
+
+  python run.py --config=configs/cifar.py --workdir=/tmp/mobilenet       # Keras recipe
+  python run.py --config=configs/cifar.py:torch --workdir=...            # PyTorch layout
+  python run.py --config=configs/cifar.py:quick --workdir=...            # ~40 min on 2 CPU cores
+  python run.py --config=configs/cifar.py:smoke --workdir=...            # seconds, for tests
+
+Any field can be overridden: `--config.num_epochs=1 --config.model.alpha=0.5`.
+"""
+import ml_collections
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  """Returns the config for `preset` ('' = the Keras reference recipe)."""
+  c = ml_collections.ConfigDict()
+
+  # Data (mobilenet_jax/input_pipeline.py).
+  c.dataset = "cifar10"
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # None: $TFDS_DATA_DIR, then tfds' default.
+  c.download = True
+  c.image_size = 32          # The paper's resolution multiplier: resize on device.
+  c.augment = "crop+flip"    # 'none' | 'crop' | 'flip' | 'crop+flip'
+  c.crop_padding = 4         # Random translation of up to 4 pixels (0.125 of 32).
+  c.mean = (125.307, 122.95, 113.865)
+  c.std = (62.9932, 62.0887, 66.7048)
+  c.train_examples = ml_collections.config_dict.placeholder(int)  # None: the whole split; an int keeps its first n examples.
+  c.eval_examples = ml_collections.config_dict.placeholder(int)
+
+  # Model (mobilenet_jax/models.py).
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = 10
+  c.model.alpha = 1.0
+  c.model.stem_stride = 2
+  c.model.shallow = False
+  c.model.use_bias = True
+  c.model.depthwise = "auto"  # 'auto' (taps on CPU, grouped elsewhere) | 'grouped' | 'taps'
+  c.model.dtype = "float32"   # or 'bfloat16' (compute dtype; parameters stay float32)
+
+  # Optimization (mobilenet_jax/train.py): SGD, Nesterov, piecewise-constant rate.
+  c.batch_size = 128          # Global, across all devices.
+  c.num_epochs = 250
+  c.learning_rate = 0.01
+  c.lr_boundaries = (100, 200)  # In epochs.
+  c.lr_decay = (0.1, 0.1)       # Multiplies the rate at each boundary.
+  c.momentum = 0.9
+  c.weight_decay = 1e-4         # L2 on conv and dense kernels, added to the loss.
+
+  # Execution.
+  c.parallel = "jit"          # 'jit' (sharded over a device mesh) | 'pmap'
+  c.distributed = False       # Call jax.distributed.initialize() (multi-host).
+  c.seed = 0
+  c.eval_every_epochs = 1
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+
+  if preset == "torch":
+    c.model.stem_stride = 1
+    c.model.use_bias = False
+  elif preset == "quick":
+    c.num_epochs = 20
+    c.learning_rate = 0.1
+    c.lr_boundaries = (12, 17)
+    c.weight_decay = 5e-4
+  elif preset == "smoke":
+    c.num_epochs = 2
+    c.batch_size = 16
+    c.model.alpha = 0.25
+    c.image_size = 16
+    c.lr_boundaries = (1, 2)
+    c.train_examples = 64
+    c.eval_examples = 40
+  elif preset:
+    raise ValueError(f"Unknown preset {preset!r} in configs/cifar.py: "
+                     "use '', 'torch', 'quick' or 'smoke'.")
+  return c

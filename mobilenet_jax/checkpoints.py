@@ -1,0 +1,36 @@
+"""Orbax checkpoints of the TrainState in `workdir/checkpoints`, with automatic resume."""
+import os
+
+import flax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves host copies of the state; restores the latest one into a template state."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, state) -> None:
+    """`state` must be a host (unreplicated) TrainState."""
+    step = int(state.step)
+    if step not in self.manager.all_steps():
+      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+
+  def restore(self, template):
+    """The latest checkpoint into `template`'s structure, or `template` if there is none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return template
+    target = flax.serialization.to_state_dict(template)
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    return flax.serialization.from_state_dict(template, restored)
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,114 @@
+"""MobileNetV1 (Howard et al. 2017) in Flax Linen, with the CIFAR layouts of the references.
+
+Widths follow the paper's Table 1; `alpha` is its width multiplier. The
+resolution multiplier is the input size (`config.image_size`): the network is
+fully convolutional up to the global average pool, so any size works.
+
+- Keras CIFAR reference: `stem_stride=2, use_bias=True` (optionally `shallow`).
+- PyTorch CIFAR reference: `stem_stride=1, use_bias=False` (3,217,226 params).
+- ImageNet (paper): `stem_stride=2, use_bias=False, num_classes=1000`, 224x224.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mobilenet_jax import depthwise
+
+# (output channels, stride) of the 13 depthwise-separable blocks.
+BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+          (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
+          (1024, 2), (1024, 1))
+SHALLOW_DROPPED = range(6, 11)  # The five 512-wide stride-1 blocks.
+
+# Keras' he_normal: truncated normal, variance 2 / fan_in.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+class ConvBNReLU(nn.Module):
+  """Convolution -> BatchNorm -> ReLU, the unit every layer of MobileNetV1 is built from."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  groups: int = 1
+  use_bias: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Any = jnp.float32
+  axis_name: str | None = None  # Synchronizes BatchNorm statistics under pmap.
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    pad = self.kernel_size // 2
+    x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
+                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                use_bias=self.use_bias, kernel_init=he_normal, dtype=self.dtype,
+                conv_general_dilated=(depthwise.conv_fn(self.depthwise_impl)
+                                      if self.groups > 1 else None),
+                name="conv")(x)
+    # Running-average decay 0.9 and eps 1e-5: PyTorch's BatchNorm2d defaults.
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
+    return nn.relu(x)
+
+
+class DepthwiseSeparable(nn.Module):
+  """Depthwise 3x3 conv, BN, ReLU, then pointwise 1x1 conv, BN, ReLU (paper Fig. 3)."""
+  features: int
+  strides: int = 1
+  use_bias: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    unit = functools.partial(ConvBNReLU, use_bias=self.use_bias, depthwise_impl=self.depthwise_impl,
+                             dtype=self.dtype, axis_name=self.axis_name)
+    channels = x.shape[-1]
+    x = unit(channels, 3, self.strides, groups=channels, name="depthwise")(x, train)
+    return unit(self.features, 1, name="pointwise")(x, train)
+
+
+class MobileNetV1(nn.Module):
+  """MobileNetV1 classifier; `__call__(x, train)` takes NHWC images of any size."""
+  num_classes: int = 10
+  alpha: float = 1.0
+  stem_stride: int = 2
+  shallow: bool = False
+  use_bias: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    width = lambda c: max(1, int(c * self.alpha))
+    x = ConvBNReLU(width(32), 3, self.stem_stride, use_bias=self.use_bias, dtype=self.dtype,
+                   axis_name=self.axis_name, name="stem")(x.astype(self.dtype), train)
+    for i, (features, strides) in enumerate(BLOCKS):
+      if self.shallow and i in SHALLOW_DROPPED:
+        continue
+      x = DepthwiseSeparable(width(features), strides, self.use_bias, self.depthwise_impl,
+                             self.dtype, self.axis_name, name=f"block{i + 1}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return x.astype(jnp.float32)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
+  """Builds the model from `config.model` (alpha, stem_stride, shallow, use_bias, ...)."""
+  if model_config.alpha <= 0:
+    raise ValueError(f"config.model.alpha={model_config.alpha}: must be > 0.")
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={model_config.dtype!r}: expected one of {list(DTYPES)}.")
+  if model_config.stem_stride not in (1, 2):
+    raise ValueError(f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
+  depthwise.resolve(model_config.depthwise)  # Validates the name early.
+  return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
+                     stem_stride=model_config.stem_stride, shallow=model_config.shallow,
+                     use_bias=model_config.use_bias, depthwise_impl=model_config.depthwise,
+                     dtype=DTYPES[model_config.dtype], axis_name=axis_name)

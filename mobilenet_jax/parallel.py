@@ -1,0 +1,135 @@
+"""Data-parallel execution: `jax.jit` over a 1-D device mesh (default) or `jax.pmap`.
+
+Both runners compile the same pure `steps.train_step`, wrapped with the on-device
+batch gather, and expose the same five operations, so the training loop does not
+know which one it drives. Datasets are replicated on every device (CIFAR is
+150 MB as uint8); each step gathers the global batch from the epoch's
+permutation, sharded along the batch axis.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mobilenet_jax import input_pipeline, steps
+
+PARALLEL_MODES = ("jit", "pmap")
+AXIS = "data"
+
+
+class _Runner:
+  """Shared logic: the epoch permutation and the batch gather of step `state.step`."""
+
+  def __init__(self, config, num_train: int):
+    self.config = config
+    self.num_devices = jax.device_count()
+    self.num_train = num_train
+    self.steps_per_epoch = num_train // config.batch_size
+    shuffle_rng, self.augment_rng = jax.random.split(jax.random.key(config.seed + 1))
+    self.shuffle_rng = shuffle_rng
+
+  def _permutation(self, step):
+    return input_pipeline.epoch_permutation(
+        self.shuffle_rng, step // self.steps_per_epoch, self.num_train)
+
+  def _gather(self, state, data, perm, offset, size):
+    start = (state.step % self.steps_per_epoch) * self.config.batch_size + offset
+    idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
+    return {"image": data["image"][idx], "label": data["label"][idx]}
+
+  def _evaluate(self, state, images, labels, mask):
+    def body(total, batch):
+      metrics = steps.eval_step(state, *batch, self.config)
+      return jax.tree.map(jnp.add, total, metrics), None
+    zeros = {"loss": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+    return jax.lax.scan(body, zeros, (images, labels, mask))[0]
+
+
+class JitRunner(_Runner):
+  """`jax.jit` with the batch sharded over a ('data',) mesh and everything else replicated."""
+  axis_name = None
+
+  def __init__(self, config, num_train: int):
+    super().__init__(config, num_train)
+    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+    def train(state, data, perm):
+      batch = self._gather(state, data, perm, 0, config.batch_size)
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+      rng = jax.random.fold_in(self.augment_rng, state.step)
+      return steps.train_step(state, batch, rng, config)
+
+    self.train = jax.jit(train, donate_argnums=0)
+    self.shuffle = jax.jit(lambda state: self._permutation(state.step))
+    self.evaluate = jax.jit(self._evaluate)
+
+  def _put(self, x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  def put_state(self, state):
+    return jax.tree.map(lambda x: self._put(x, self.replicated), state)
+
+  def get_state(self, state):
+    return jax.device_get(state)
+
+  def put_train_data(self, split):
+    return {"image": self._put(split.images, self.replicated),
+            "label": self._put(split.labels, self.replicated)}
+
+  def put_eval_data(self, split):
+    sharding = NamedSharding(self.mesh, P(None, AXIS))
+    return tuple(self._put(a, sharding)
+                 for a in input_pipeline.eval_batches(split, self.config.batch_size))
+
+  def metrics(self, metrics):
+    return jax.device_get(metrics)
+
+
+class PmapRunner(_Runner):
+  """`jax.pmap` over all devices: state and data replicated, each device takes its batch slice."""
+  axis_name = AXIS
+
+  def __init__(self, config, num_train: int):
+    super().__init__(config, num_train)
+    local = config.batch_size // self.num_devices
+    self.devices = jax.local_devices()
+
+    def train(state, data, perm):
+      offset = jax.lax.axis_index(AXIS) * local
+      batch = self._gather(state, data, perm, offset, local)
+      rng = jax.random.fold_in(self.augment_rng, state.step)
+      return steps.train_step(state, batch, rng, config, axis_name=AXIS)
+
+    def evaluate(state, images, labels, mask):
+      shard = lambda a: jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(AXIS) * local, local, 1)
+      return jax.lax.psum(self._evaluate(state, shard(images), shard(labels), shard(mask)), AXIS)
+
+    self.train = jax.pmap(train, axis_name=AXIS, donate_argnums=0)
+    self.shuffle = jax.pmap(lambda state: self._permutation(state.step), axis_name=AXIS)
+    self.evaluate = jax.pmap(evaluate, axis_name=AXIS)
+
+  def put_state(self, state):
+    return jax.device_put_replicated(state, self.devices)
+
+  def get_state(self, state):
+    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+
+  def put_train_data(self, split):
+    return jax.device_put_replicated({"image": split.images, "label": split.labels}, self.devices)
+
+  def put_eval_data(self, split):
+    return jax.device_put_replicated(
+        input_pipeline.eval_batches(split, self.config.batch_size), self.devices)
+
+  def metrics(self, metrics):
+    return jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+
+
+def create_runner(config, num_train: int):
+  if config.parallel not in PARALLEL_MODES:
+    raise ValueError(f"config.parallel={config.parallel!r}: expected one of {PARALLEL_MODES}.")
+  return (JitRunner if config.parallel == "jit" else PmapRunner)(config, num_train)

@@ -1,0 +1,87 @@
+"""The pure train and eval steps, and the optimizer they use.
+
+`train_step` is a pure function of (state, batch, rng): it augments the uint8
+batch on device, runs the model in train mode (updating BatchNorm statistics),
+and applies one SGD-Nesterov update. Under pmap, `axis_name` names the device
+axis: gradients are averaged across it and BatchNorm statistics are synchronized,
+so the result equals one device processing the whole global batch.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from mobilenet_jax import input_pipeline
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def learning_rate_schedule(config, steps_per_epoch: int):
+  """Piecewise-constant rate: `learning_rate`, times `lr_decay[i]` from epoch `lr_boundaries[i]`."""
+  return optax.piecewise_constant_schedule(
+      config.learning_rate,
+      {int(b * steps_per_epoch): d for b, d in zip(config.lr_boundaries, config.lr_decay)})
+
+
+def create_optimizer(config, steps_per_epoch: int):
+  return optax.sgd(learning_rate_schedule(config, steps_per_epoch),
+                   momentum=config.momentum, nesterov=True)
+
+
+def create_train_state(model, tx, rng, image_size: int) -> TrainState:
+  variables = jax.jit(model.init, static_argnames="train")(
+      rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables["batch_stats"])
+
+
+def l2_penalty(params):
+  """0.5 * sum of squared conv/dense kernels, except the depthwise ones (paper, Sec. 3.2)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return 0.5 * sum(jnp.sum(jnp.square(w)) for path, w in flat.items()
+                   if path[-1] == "kernel" and "depthwise" not in path)
+
+
+def _metrics(logits, labels, mask=None):
+  """Sums (not means), so that batches and devices combine by addition."""
+  mask = jnp.ones_like(labels, jnp.float32) if mask is None else mask
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"loss": jnp.sum(loss * mask),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+          "count": jnp.sum(mask)}
+
+
+def train_step(state: TrainState, batch, rng, config, axis_name: str | None = None):
+  """One SGD step on `batch` ({'image': uint8 NHWC, 'label': int32}); returns (state, metrics)."""
+  local = batch["label"].shape[0]
+  draws = input_pipeline.augmentation_draws(rng, config.batch_size, config.crop_padding)
+  if axis_name is not None:  # This device's slice of the global batch's draws.
+    start = jax.lax.axis_index(axis_name) * local
+    draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, start, local), draws)
+  images = input_pipeline.preprocess(batch["image"], config, draws)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     images, train=True, mutable=["batch_stats"])
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return cross_entropy + config.weight_decay * l2_penalty(params), (logits, updates)
+
+  grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  metrics = _metrics(logits, batch["label"])
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.psum(metrics, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+  return state, metrics
+
+
+def eval_step(state: TrainState, images, labels, mask, config):
+  """Metric sums over one (padded) batch, with BatchNorm in inference mode."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          input_pipeline.preprocess(images, config), train=False)
+  return _metrics(logits, labels, mask)
