@@ -112,21 +112,35 @@ class PmapRunner(_Runner):
     self.shuffle = jax.pmap(lambda state: self._permutation(state.step), axis_name=AXIS)
     self.evaluate = jax.pmap(evaluate, axis_name=AXIS)
 
+  def _replicate(self, tree):
+    """A copy per device, stacked along a leading device axis, as pmap takes its inputs."""
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)), P("devices"))
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_single_device_arrays(
+          (self.num_devices, *x.shape), sharding, [jax.device_put(x[None], d) for d in self.devices])
+    return jax.tree.map(put, tree)
+
   def put_state(self, state):
-    return jax.device_put_replicated(state, self.devices)
+    return self._replicate(state)
+
+  @staticmethod
+  def _first(tree):
+    """Device 0's copy, fetched alone (indexing on device would be a host-to-device transfer)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]),
+                        tree)
 
   def get_state(self, state):
-    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+    return self._first(state)
 
   def put_train_data(self, split):
-    return jax.device_put_replicated({"image": split.images, "label": split.labels}, self.devices)
+    return self._replicate({"image": split.images, "label": split.labels})
 
   def put_eval_data(self, split):
-    return jax.device_put_replicated(
-        input_pipeline.eval_batches(split, self.config.batch_size), self.devices)
+    return self._replicate(input_pipeline.eval_batches(split, self.config.batch_size))
 
   def metrics(self, metrics):
-    return jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+    return self._first(metrics)
 
 
 def create_runner(config, num_train: int):

@@ -1,0 +1,42 @@
+"""Shared fixtures: tfds mock data (random CIFAR-shaped images) and the smoke config."""
+import os
+import pathlib
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Test processes compile the same smoke-sized programs again and again: share a compilation cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "mobilenet_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TFDS = ROOT.parent / "shared" / "tensorflow_datasets"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def mock_tfds():
+  """Patches tfds so every split yields 64 random examples with the dataset's real features."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=64):
+    yield
+
+
+@pytest.fixture
+def smoke_config():
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  config = cifar.get_config("smoke")
+  config.download = False
+  config.progress_bar = False
+  return config
+
+
+def run_mocked(*args, env=None, timeout=600):
+  """Runs `run.py` in a fresh process on tfds mock data; returns the CompletedProcess."""
+  cmd = [sys.executable, str(ROOT / "tests" / "mock_run.py"), *args]
+  full_env = {**os.environ, **(env or {})}
+  return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                        timeout=timeout, check=False)

@@ -1,0 +1,144 @@
+"""Input pipeline: loading (mock and real CIFAR-10), augmentation properties, eval coverage, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHARED_TFDS
+from mobilenet_jax import input_pipeline
+
+
+def test_mock_load_shapes_dtypes_and_labels(mock_tfds, smoke_config):
+  del mock_tfds
+  smoke_config.train_examples = None
+  smoke_config.eval_examples = None
+  data = input_pipeline.load(smoke_config)
+  for split in (data.train, data.test):
+    assert split.images.shape == (64, 32, 32, 3) and split.images.dtype == np.uint8
+    assert split.labels.shape == (64,) and split.labels.dtype == np.int32
+    assert split.labels.min() >= 0 and split.labels.max() < 10
+  assert data.num_classes == 10 and len(data.label_names) == 10
+
+
+def test_cifar100_loads(mock_tfds, smoke_config):
+  del mock_tfds
+  smoke_config.dataset = "cifar100"
+  data = input_pipeline.load(smoke_config)
+  assert data.num_classes == 100 and data.train.images.shape[1:] == (32, 32, 3)
+
+
+def test_normalization_is_per_channel(mock_tfds, smoke_config):
+  del mock_tfds
+  images = input_pipeline.load(smoke_config).train.images
+  mean, std = images.mean((0, 1, 2)), images.std((0, 1, 2))
+  x = np.asarray(input_pipeline.normalize(images, tuple(mean), tuple(std)))
+  np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=1e-4)
+  np.testing.assert_allclose(x.std((0, 1, 2)), 1, atol=1e-4)
+  channel = np.asarray(input_pipeline.normalize(images, (1, 2, 3), (4, 5, 6)))[..., 2]
+  np.testing.assert_allclose(channel, (images[..., 2] - 3.0) / 6.0, rtol=1e-6)
+
+
+def _images(n=64, size=8):
+  return jax.random.normal(jax.random.key(0), (n, size, size, 3))
+
+
+def test_flip_is_an_exact_mirror():
+  x = _images()
+  draws = {"shift": jnp.zeros((64, 2), jnp.int32), "flip": jnp.arange(64) % 2 == 0}
+  y = input_pipeline.augment(x, draws, "flip", 4)
+  np.testing.assert_array_equal(y[::2], x[::2, :, ::-1])
+  np.testing.assert_array_equal(y[1::2], x[1::2])
+
+
+def test_crop_is_an_exact_shift_of_the_zero_padded_image():
+  x = _images()
+  draws = input_pipeline.augmentation_draws(jax.random.key(3), 64, 4)
+  y = np.asarray(input_pipeline.augment(x, draws, "crop", 4))
+  padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
+  for i, (dy, dx) in enumerate(np.asarray(draws["shift"])):
+    np.testing.assert_array_equal(y[i], padded[i, dy:dy + 8, dx:dx + 8])
+  assert len({tuple(s) for s in np.asarray(draws["shift"])}) > 10  # Images drawn independently.
+
+
+def test_no_image_is_altered_when_augmentation_is_off():
+  x = _images()
+  draws = input_pipeline.augmentation_draws(jax.random.key(3), 64, 4)
+  np.testing.assert_array_equal(input_pipeline.augment(x, draws, "none", 4), x)
+
+
+def test_same_key_same_draws_and_different_keys_differ():
+  a = input_pipeline.augmentation_draws(jax.random.key(1), 256, 4)
+  b = input_pipeline.augmentation_draws(jax.random.key(1), 256, 4)
+  c = input_pipeline.augmentation_draws(jax.random.fold_in(jax.random.key(1), 1), 256, 4)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert not np.array_equal(a["shift"], c["shift"]) and not np.array_equal(a["flip"], c["flip"])
+
+
+def test_flip_rate_is_about_one_half_and_shifts_cover_the_range():
+  draws = input_pipeline.augmentation_draws(jax.random.key(0), 20_000, 4)
+  assert abs(float(draws["flip"].mean()) - 0.5) < 0.015
+  assert set(np.unique(draws["shift"]).tolist()) == set(range(9))
+
+
+def test_epoch_permutations_are_permutations_that_change_per_epoch():
+  rng = jax.random.key(0)
+  p0, p1 = (np.asarray(input_pipeline.epoch_permutation(rng, e, 1000)) for e in (0, 1))
+  assert sorted(p0) == list(range(1000)) and not np.array_equal(p0, p1)
+  np.testing.assert_array_equal(p0, input_pipeline.epoch_permutation(rng, 0, 1000))
+
+
+def test_resize_is_the_resolution_multiplier():
+  x = _images(2, 32)
+  assert input_pipeline.resize(x, 24).shape == (2, 24, 24, 3)
+  assert input_pipeline.resize(x, 32) is x
+
+
+@pytest.mark.parametrize("n,batch", [(10_000, 128), (10_000, 100), (50, 16), (7, 8)])
+def test_eval_batches_cover_every_example_exactly_once(n, batch):
+  split = input_pipeline.Split(np.arange(n, dtype=np.uint8).repeat(3).reshape(n, 1, 1, 3),
+                               np.arange(n, dtype=np.int32))
+  images, labels, mask = input_pipeline.eval_batches(split, batch)
+  assert images.shape[:2] == labels.shape == mask.shape and labels.shape[1] == batch
+  counted = labels.reshape(-1)[mask.reshape(-1) == 1]
+  np.testing.assert_array_equal(np.sort(counted), np.arange(n))
+  assert mask.sum() == n
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("augment", "rotate", "config.augment"), ("image_size", 7, "config.image_size"),
+    ("batch_size", 12, "config.batch_size=12 must be a positive multiple of the 8 devices")])
+def test_bad_data_config_is_rejected(smoke_config, field, value, match):
+  smoke_config[field] = value
+  with pytest.raises(ValueError, match=match):
+    input_pipeline.check_config(smoke_config, num_devices=8)
+
+
+def test_unknown_and_non_image_datasets_are_rejected(smoke_config):
+  smoke_config.dataset = "cifar11"
+  with pytest.raises(ValueError, match="'cifar11' is not a tensorflow-datasets name"):
+    input_pipeline.load(smoke_config)
+  smoke_config.dataset = "imdb_reviews"
+  with pytest.raises(ValueError, match="not an image classification dataset"):
+    input_pipeline.load(smoke_config)
+
+
+def test_missing_dataset_offline_names_dir_and_both_fixes(smoke_config, tmp_path):
+  smoke_config.data_dir = str(tmp_path)
+  with pytest.raises(input_pipeline.DatasetUnavailableError) as e:
+    input_pipeline.load(smoke_config)
+  message = str(e.value)
+  assert "'cifar10'" in message and str(tmp_path) in message
+  assert "--config.data_dir" in message and "TFDS_DATA_DIR" in message
+  assert "cifar-10-binary.tar.gz" in message and str(tmp_path / "downloads" / "manual") in message
+
+
+@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(), reason="no prepared CIFAR-10 in ../shared")
+def test_real_cifar10_from_shared_folder(smoke_config):
+  smoke_config.data_dir = str(SHARED_TFDS)
+  smoke_config.train_examples = None
+  smoke_config.eval_examples = None
+  data = input_pipeline.load(smoke_config)
+  assert data.train.images.shape == (50_000, 32, 32, 3)
+  assert data.test.images.shape == (10_000, 32, 32, 3)
+  np.testing.assert_array_equal(np.bincount(data.train.labels), [5000] * 10)
+  np.testing.assert_allclose(data.train.images.mean((0, 1, 2)), smoke_config.mean, atol=0.1)

@@ -1,0 +1,150 @@
+"""Model structure: exact parameter counts, the paper's tables, shapes, dtypes, depthwise impls."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from mobilenet_jax import depthwise, models, summary
+
+
+def model_config(**overrides):
+  c = ml_collections.ConfigDict(dict(num_classes=10, alpha=1.0, stem_stride=2, shallow=False,
+                                     use_bias=False, depthwise="auto", dtype="float32"))
+  c.update(overrides)
+  return c
+
+
+def count(image_size=32, **overrides):
+  return summary.summarize(models.create_model(model_config(**overrides)), image_size)
+
+
+def test_pytorch_cifar_layout_has_exactly_3217226_params():
+  assert count(stem_stride=1, use_bias=False).params == 3_217_226
+
+
+def test_keras_cifar_layout_has_exactly_3228170_params():
+  assert count(stem_stride=2, use_bias=True).params == 3_228_170
+
+
+def test_summary_params_equal_the_initialized_parameter_tree():
+  model = models.create_model(model_config(alpha=0.5, shallow=True, use_bias=True))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                train=False))
+  leaves = jax.tree.leaves(variables["params"])
+  assert summary.summarize(model, 32).params == sum(x.size for x in leaves)
+
+
+# Howard et al. 2017, Table 6 (width multiplier) and Table 7 (resolution), ImageNet, 1000 classes:
+# (alpha, resolution, million mult-adds, million params).
+PAPER = [(1.0, 224, 569, 4.2), (0.75, 224, 325, 2.6), (0.5, 224, 149, 1.3), (0.25, 224, 41, 0.5),
+         (1.0, 192, 418, 4.2), (1.0, 160, 290, 4.2), (1.0, 128, 186, 4.2)]
+
+
+def within(value, paper_millions, decimals):
+  """Within 1% of the paper, or within the rounding of its printed figure if that is looser."""
+  tolerance = max(0.01 * paper_millions, 0.5 * 10 ** -decimals) * 1e6
+  return abs(value - paper_millions * 1e6) <= tolerance
+
+
+@pytest.mark.parametrize("alpha,size,macs,params", PAPER)
+def test_imagenet_configuration_matches_paper_tables(alpha, size, macs, params):
+  s = count(image_size=size, alpha=alpha, num_classes=1000, stem_stride=2, use_bias=False)
+  assert within(s.macs, macs, 0), (s.macs, macs)
+  assert within(s.params, params, 1), (s.params, params)
+
+
+def test_one_point_zero_224_is_within_one_percent_strictly():
+  s = count(image_size=224, num_classes=1000)
+  assert abs(s.macs - 569e6) / 569e6 < 0.01 and abs(s.params - 4.2e6) / 4.2e6 < 0.01
+
+
+@pytest.mark.parametrize("size,strides,expected", [(16, 1, 16), (16, 2, 8), (15, 2, 8), (7, 1, 7),
+                                                   (9, 2, 5)])
+def test_block_output_shapes(size, strides, expected):
+  block = models.DepthwiseSeparable(features=24, strides=strides)
+  x = jnp.ones((2, size, size, 8))
+  y, _ = jax.jit(lambda x: block.init_with_output(jax.random.key(0), x, train=False))(x)
+  assert y.shape == (2, expected, expected, 24)
+
+
+@pytest.mark.parametrize("alpha,stem,shallow,size,classes", [
+    (1.0, 2, False, 32, 10), (0.5, 1, False, 24, 100), (0.25, 2, True, 40, 10),
+    (0.75, 1, True, 32, 7), (0.25, 2, False, 224, 1000)])
+def test_logits_shape(alpha, stem, shallow, size, classes):
+  model = models.create_model(model_config(alpha=alpha, stem_stride=stem, shallow=shallow,
+                                           num_classes=classes))
+  logits = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
+                          jnp.ones((3, size, size, 3)))
+  assert logits.shape == (3, classes) and logits.dtype == jnp.float32
+
+
+def test_shallow_drops_the_five_512_blocks():
+  deep, shallow = count(), count(shallow=True)
+  dropped = 5 * (3 * 3 * 512 + 2 * 512 + 512 * 512 + 2 * 512)
+  assert deep.params - shallow.params == dropped
+
+
+def test_bfloat16_runs_and_stays_close_to_float32():
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  f32 = models.create_model(model_config(alpha=0.25))
+  variables = jax.jit(lambda x: f32.init(jax.random.key(0), x, train=False))(x)
+  bf16 = models.create_model(model_config(alpha=0.25, dtype="bfloat16"))
+  out, _ = jax.jit(lambda v, x: bf16.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  infer = lambda model: jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  out, ref = infer(bf16), infer(f32)
+  np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("size,strides", [(8, 1), (8, 2), (7, 1), (7, 2), (9, 2)])
+def test_taps_depthwise_matches_grouped_conv_outputs_and_gradients(size, strides):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+  def make(impl):
+    return models.ConvBNReLU(6, 3, strides, groups=6, use_bias=True, depthwise_impl=impl)
+  variables = make("grouped").init(jax.random.key(1), x, train=False)
+  def loss(impl, params, x):
+    y = make(impl).apply({**variables, "params": params}, x, train=False)
+    return jnp.sum(y * jnp.arange(y.size).reshape(y.shape) / y.size)
+  for_impl = {impl: jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x), argnums=(0, 1))(
+      variables["params"], x) for impl in ("grouped", "taps")}
+  ref, got = for_impl["grouped"], for_impl["taps"]
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_implementations_share_one_parameter_tree():
+  x = jnp.ones((1, 32, 32, 3))
+  init = lambda impl: models.create_model(model_config(depthwise=impl)).init(
+      jax.random.key(0), x, train=False)
+  trees = [jax.tree.map(jnp.shape, jax.eval_shape(lambda i=impl: init(i)))
+           for impl in ("grouped", "taps")]
+  assert trees[0] == trees[1]
+  assert trees[0]["params"]["block1"]["depthwise"]["conv"]["kernel"] == (3, 3, 1, 32)
+
+
+def test_auto_picks_taps_on_cpu_and_grouped_on_accelerators():
+  assert depthwise.resolve("auto", "cpu") == "taps"
+  assert depthwise.resolve("auto", "gpu") == "grouped"
+  assert depthwise.resolve("auto", "tpu") == "grouped"
+
+
+@pytest.mark.parametrize("field,value", [("alpha", 0.0), ("stem_stride", 3), ("depthwise", "fast"),
+                                         ("dtype", "float16")])
+def test_bad_model_config_is_rejected_by_name(field, value):
+  with pytest.raises(ValueError, match=f"config.model.{field}"):
+    models.create_model(model_config(**{field: value}))
+
+
+def test_summary_cli_prints_table_then_params_and_macs():
+  out = subprocess.run([sys.executable, "-m", "mobilenet_jax.summary",
+                        "--config=configs/cifar.py:torch", "--config.model.alpha=0.5"],
+                       cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+  expected = count(stem_stride=1, alpha=0.5)
+  assert out[-2:] == [f"params: {expected.params}", f"macs: {expected.macs}"]
+  assert any(line.startswith("block13/pointwise/conv") for line in out)

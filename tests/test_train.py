@@ -1,0 +1,156 @@
+"""Training: the step, the schedule, determinism, resume, config errors and run.py end to end."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_mocked
+from mobilenet_jax import checkpoints, metric_logging, models, steps, train
+
+
+def _state(config, steps_per_epoch=4):
+  model = models.create_model(config.model)
+  tx = steps.create_optimizer(config, steps_per_epoch)
+  return steps.create_train_state(model, tx, jax.random.key(0), config.image_size)
+
+
+def _batch(config, n=16):
+  rng = np.random.default_rng(0)
+  return {"image": jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), np.uint8)),
+          "label": jnp.asarray(rng.integers(0, 10, (n,), np.int32))}
+
+
+def test_train_and_eval_step_and_loss_decreases_on_a_fixed_batch(smoke_config):
+  smoke_config.augment = "none"
+  smoke_config.learning_rate = 0.05
+  state, batch = _state(smoke_config), _batch(smoke_config)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), smoke_config))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]) / float(metrics["count"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 15
+  sums = steps.eval_step(state, batch["image"], batch["label"], jnp.ones(16), smoke_config)
+  assert float(sums["count"]) == 16 and 0 <= float(sums["correct"]) <= 16
+
+
+def test_batchnorm_statistics_update_in_train_mode(smoke_config):
+  state = _state(smoke_config)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), smoke_config))
+  new, _ = step(state, _batch(smoke_config))
+  before = state.batch_stats["stem"]["bn"]["mean"]
+  after = new.batch_stats["stem"]["bn"]["mean"]
+  assert not np.allclose(before, after)
+
+
+def test_learning_rate_at_each_boundary(smoke_config):
+  smoke_config.learning_rate = 0.01
+  smoke_config.lr_boundaries = (100, 200)
+  smoke_config.lr_decay = (0.1, 0.1)
+  spe = 390
+  lr = steps.learning_rate_schedule(smoke_config, spe)
+  for step, expected in [(0, 0.01), (100 * spe - 1, 0.01), (100 * spe, 0.001),
+                         (200 * spe - 1, 0.001), (200 * spe, 0.0001), (250 * spe, 0.0001)]:
+    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-6)
+
+
+def test_weight_decay_skips_depthwise_batchnorm_and_biases(smoke_config):
+  smoke_config.model.use_bias = True
+  params = _state(smoke_config).params
+  expected = 0.5 * sum(float(jnp.sum(w ** 2)) for path, w in
+                       jax.tree_util.tree_flatten_with_path(params)[0]
+                       if path[-1].key == "kernel" and "depthwise" not in str(path))
+  np.testing.assert_allclose(float(steps.l2_penalty(params)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("learning_rate", -0.1, "config.learning_rate=-0.1"),
+    ("parallel", "vmap", "config.parallel='vmap'"),
+    ("lr_boundaries", (20, 10), "strictly increasing"),
+    ("lr_decay", (0.1,), "same length")])
+def test_bad_config_is_rejected_before_training(smoke_config, tmp_path, field, value, match):
+  smoke_config[field] = value
+  with pytest.raises(ValueError, match=match):
+    train.check_config(smoke_config, str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_workdir_is_rejected(smoke_config, tmp_path):
+  tmp_path.chmod(0o500)
+  with pytest.raises(ValueError, match="--workdir=.* is not writable"):
+    train.check_config(smoke_config, str(tmp_path / "run"))
+
+
+def test_workdir_that_is_a_file_is_rejected(smoke_config, tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="is not writable"):
+    train.check_config(smoke_config, str(tmp_path / "file"))
+
+
+def _final_params(workdir, config):
+  template = _state(config)
+  state = checkpoints.Checkpointer(str(workdir), 3).restore(template)
+  return jax.tree.leaves(state.params), int(state.step)
+
+
+def test_determinism_same_seed_same_params(mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  smoke_config.num_epochs = 1
+  a = train.train_and_evaluate(smoke_config, str(tmp_path / "a"))
+  b = train.train_and_evaluate(smoke_config, str(tmp_path / "b"))
+  pa, pb = _final_params(tmp_path / "a", smoke_config), _final_params(tmp_path / "b", smoke_config)
+  assert pa[1] == pb[1] == 4
+  for x, y in zip(pa[0], pb[0]):
+    np.testing.assert_array_equal(x, y)
+  assert a["test_accuracy"] == b["test_accuracy"] and a["test_examples"] == 40
+
+
+def test_resume_after_process_exit_equals_a_straight_run(tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  common = ["--config=configs/cifar.py:smoke", "--config.download=False",
+            "--config.progress_bar=False"]
+  for workdir, epochs in [(straight, 2), (resumed, 1), (resumed, 2)]:
+    result = run_mocked(*common, f"--workdir={workdir}", f"--config.num_epochs={epochs}")
+    assert result.returncode == 0, result.stderr[-3000:]
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  config = cifar.get_config("smoke")
+  (ps, ss), (pr, sr) = _final_params(straight, config), _final_params(resumed, config)
+  assert ss == sr == 8
+  for x, y in zip(ps, pr):  # Same computations in the same order: bitwise equal.
+    np.testing.assert_array_equal(x, y)
+  ms, mr = metric_logging.read_metrics(straight), metric_logging.read_metrics(resumed)
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate"):
+    assert ms[-1][key] == mr[-1][key], key
+  rs = json.loads((straight / "results.json").read_text())
+  rr = json.loads((resumed / "results.json").read_text())
+  assert rs["test_accuracy"] == rr["test_accuracy"] and rs["test_examples"] == 40
+
+
+def test_run_py_end_to_end_writes_results_logs_and_checkpoints(tmp_path):
+  result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
+                      f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert {"test_accuracy", "test_loss", "test_examples", "epochs", "params", "macs",
+          "train_images_per_s", "wall_s"} <= set(results)
+  assert results["test_examples"] == 40 and results["epochs"] == 2
+  assert f"test accuracy {results['test_accuracy']:.4f} on 40 examples" in result.stdout
+  assert "total" in result.stdout and "block13/pointwise/conv" in result.stdout  # The summary.
+  records = metric_logging.read_metrics(str(tmp_path))
+  assert [r["epoch"] for r in records] == [1, 2] and "learning_rate" in records[0]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+  args = ["--config=configs/cifar.py:smoke", "--config.download=False", f"--workdir={tmp_path}"]
+  assert run_mocked(*args, "--config.num_epochs=1").returncode == 0
+  result = run_mocked(*args, "--config.learning_rate=1e30", "--config.lr_decay=(1e30, 1.0)")
+  assert result.returncode != 0
+  assert "The training loss became nan" in result.stderr or "became inf" in result.stderr
+  assert "last good checkpoint (step 4)" in result.stderr
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
