@@ -1,0 +1,179 @@
+r"""Training and inference throughput of mobilenet-jax, side by side with the PyTorch peer.
+
+  python benchmarks/throughput.py                       # both stems, batch 128, float32
+  python benchmarks/throughput.py --stem 2 --depthwise grouped taps --json
+
+For each configuration it times, after warm-up, the median of several repetitions of
+- train step: the jitted `steps.train_step` (augmentation, forward, backward, SGD, BN updates)
+  on a batch already on device;
+- train loop: the training loop's own compiled step (gather from the device-resident
+  dataset by the epoch's permutation, then the train step), as `train.py` runs it;
+- inference: the model in inference mode on a float32 batch.
+When torch is importable it runs ../shared/bench/torch_mobilenet.py for the same network in
+the same invocation (eager, and channels-last + torch.compile for inference) and prints ratios.
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from configs import cifar  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import depthwise, input_pipeline, models, parallel, steps
+
+PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
+
+
+def _rate(fn, batch, steps_per_rep, repeats):
+  """Median images/s over `repeats` timed runs of `steps_per_rep` calls (after one warm-up rep)."""
+  rates = []
+  for rep in range(repeats + 1):
+    start = time.perf_counter()
+    for _ in range(steps_per_rep):
+      out = fn()
+    jax.block_until_ready(out)
+    if rep:
+      rates.append(batch * steps_per_rep / (time.perf_counter() - start))
+  return statistics.median(rates)
+
+
+def measure(args, stem, impl):
+  config = cifar.get_config()
+  config.batch_size = args.batch
+  config.model.update(stem_stride=stem, alpha=args.alpha, dtype=args.dtype, depthwise=impl,
+                      use_bias=False)  # The PyTorch peer's layout.
+  num_train = args.batch * 20
+  rng = np.random.default_rng(0)
+  split = input_pipeline.Split(rng.integers(0, 256, (num_train, 32, 32, 3), np.uint8),
+                               rng.integers(0, 10, (num_train,), np.int32))
+  runner = parallel.create_runner(config, num_train)
+  model = models.create_model(config.model, axis_name=runner.axis_name)
+  state = steps.create_train_state(model, steps.create_optimizer(config, runner.steps_per_epoch),
+                                   jax.random.key(0), config.image_size)
+  state = runner.put_state(state)
+  row = {"impl": "jax", "depthwise": depthwise.resolve(impl), "stem_stride": stem,
+         "batch": args.batch, "alpha": args.alpha, "dtype": args.dtype,
+         "backend": jax.default_backend(), "devices": jax.device_count()}
+
+  # The bare train step on one fixed device batch.
+  batch = {"image": jnp.asarray(split.images[:args.batch]), "label": jnp.asarray(split.labels[:args.batch])}
+  step = jax.jit(lambda s, b, r: steps.train_step(s, b, r, config), donate_argnums=0)
+  holder = {"state": jax.tree.map(jnp.copy, state)}
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  holder["state"], m = step(holder["state"], batch, key)
+  jax.block_until_ready(m)
+  row["compile_s"] = round(time.perf_counter() - start, 1)
+  def train_step():
+    holder["state"], metrics = step(holder["state"], batch, key)
+    return metrics
+  row["train_step_img_s"] = _rate(train_step, args.batch, args.steps, args.repeats)
+
+  # The training loop's step: gather by permutation from device-resident data, then train.
+  data = runner.put_train_data(split)
+  holder["state"] = state
+  perm = runner.shuffle(state)
+  def loop_step():
+    holder["state"], metrics = runner.train(holder["state"], data, perm)
+    return metrics
+  with jax.transfer_guard_host_to_device("disallow"):
+    jax.block_until_ready(loop_step())
+    row["train_loop_img_s"] = _rate(loop_step, args.batch, args.steps, args.repeats)
+
+  # Inference.
+  variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+  if config.parallel == "pmap":
+    variables = runner.get_state(holder["state"])
+    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
+  infer_model = models.create_model(config.model)
+  infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
+  x = jax.random.normal(jax.random.key(2), (args.batch, 32, 32, 3))
+  row["infer_img_s"] = _rate(lambda: infer(variables, x), args.batch, args.steps * 4, args.repeats)
+  return row
+
+
+def peer(args, stem):
+  """The PyTorch peer's eager figures and its channels-last + compile inference, or None."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return None
+  if args.no_peer or not PEER.exists():
+    return None
+  def run(*extra):
+    out = subprocess.run([sys.executable, str(PEER), "--stem-stride", str(stem), "--batch",
+                          str(args.batch), "--alpha", str(args.alpha), "--steps",
+                          str(args.steps), *extra], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+  eager = run()
+  best = {"peer_train_img_s": eager["train_img_s"], "peer_infer_eager_img_s": eager["infer_img_s"],
+          "torch": eager["torch"], "peer_threads": eager["threads"]}
+  if not args.no_compile:
+    best["peer_infer_compiled_img_s"] = run("--channels-last", "--compile")["infer_img_s"]
+  return best
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--stem", type=int, nargs="+", default=[2, 1])
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--alpha", type=float, default=1.0)
+  p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
+  p.add_argument("--depthwise", nargs="+", default=["auto"], choices=depthwise.IMPLEMENTATIONS)
+  p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
+  p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+  p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--no-compile", action="store_true", help="skip the peer's torch.compile run")
+  p.add_argument("--json", action="store_true", help="one JSON line per configuration")
+  args = p.parse_args()
+
+  rows = []
+  for stem in args.stem:
+    reference = peer(args, stem)
+    for impl in args.depthwise:
+      row = measure(args, stem, impl)
+      if reference:
+        row.update(reference)
+        best_infer = max(reference["peer_infer_eager_img_s"],
+                         reference.get("peer_infer_compiled_img_s", 0))
+        row["train_ratio"] = row["train_step_img_s"] / reference["peer_train_img_s"]
+        row["infer_ratio"] = row["infer_img_s"] / best_infer
+      row["loop_vs_step"] = row["train_loop_img_s"] / row["train_step_img_s"]
+      rows.append(row)
+      if args.json:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+              flush=True)
+  if not args.json:
+    print(table(rows))
+
+
+def table(rows):
+  cols = [("stem", "stem_stride", "{}"), ("depthwise", "depthwise", "{}"), ("batch", "batch", "{}"),
+          ("compile s", "compile_s", "{:.1f}"), ("train step img/s", "train_step_img_s", "{:.0f}"),
+          ("train loop img/s", "train_loop_img_s", "{:.0f}"), ("loop/step", "loop_vs_step", "{:.2f}"),
+          ("infer img/s", "infer_img_s", "{:.0f}"), ("torch train", "peer_train_img_s", "{:.0f}"),
+          ("torch infer eager", "peer_infer_eager_img_s", "{:.0f}"),
+          ("torch infer compiled", "peer_infer_compiled_img_s", "{:.0f}"),
+          ("train ratio", "train_ratio", "{:.2f}x"), ("infer ratio", "infer_ratio", "{:.2f}x")]
+  cells = [[h for h, _, _ in cols]] + [[f.format(r[k]) if k in r else "-" for _, k, f in cols]
+                                       for r in rows]
+  widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+  lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  main()
