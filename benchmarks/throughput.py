@@ -1,7 +1,7 @@
 r"""Training and inference throughput of mobilenet-jax, side by side with the PyTorch peer.
 
   python benchmarks/throughput.py                       # both stems, batch 128, float32
-  python benchmarks/throughput.py --stem 2 --depthwise grouped taps --json
+  python benchmarks/throughput.py --stem 2 --conv lax shifted --json
 
 For each configuration it times, after warm-up, the median of several repetitions of
 - train step: the jitted `steps.train_step` (augmentation, forward, backward, SGD, BN updates)
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import depthwise, input_pipeline, models, parallel, steps
+from mobilenet_jax import convolutions, input_pipeline, models, parallel, steps
 
 PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
 
@@ -50,7 +50,7 @@ def _rate(fn, batch, steps_per_rep, repeats):
 def measure(args, stem, impl):
   config = cifar.get_config()
   config.batch_size = args.batch
-  config.model.update(stem_stride=stem, alpha=args.alpha, dtype=args.dtype, depthwise=impl,
+  config.model.update(stem_stride=stem, alpha=args.alpha, dtype=args.dtype, conv=impl,
                       use_bias=False)  # The PyTorch peer's layout.
   num_train = args.batch * 20
   rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def measure(args, stem, impl):
   state = steps.create_train_state(model, steps.create_optimizer(config, runner.steps_per_epoch),
                                    jax.random.key(0), config.image_size)
   state = runner.put_state(state)
-  row = {"impl": "jax", "depthwise": depthwise.resolve(impl), "stem_stride": stem,
+  row = {"impl": "jax", "conv": convolutions.resolve(impl), "stem_stride": stem,
          "batch": args.batch, "alpha": args.alpha, "dtype": args.dtype,
          "backend": jax.default_backend(), "devices": jax.device_count()}
 
@@ -129,7 +129,7 @@ def main():
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--alpha", type=float, default=1.0)
   p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
-  p.add_argument("--depthwise", nargs="+", default=["auto"], choices=depthwise.IMPLEMENTATIONS)
+  p.add_argument("--conv", nargs="+", default=["auto"], choices=convolutions.IMPLEMENTATIONS)
   p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
   p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
@@ -140,7 +140,7 @@ def main():
   rows = []
   for stem in args.stem:
     reference = peer(args, stem)
-    for impl in args.depthwise:
+    for impl in args.conv:
       row = measure(args, stem, impl)
       if reference:
         row.update(reference)
@@ -158,7 +158,7 @@ def main():
 
 
 def table(rows):
-  cols = [("stem", "stem_stride", "{}"), ("depthwise", "depthwise", "{}"), ("batch", "batch", "{}"),
+  cols = [("stem", "stem_stride", "{}"), ("conv", "conv", "{}"), ("batch", "batch", "{}"),
           ("compile s", "compile_s", "{:.1f}"), ("train step img/s", "train_step_img_s", "{:.0f}"),
           ("train loop img/s", "train_loop_img_s", "{:.0f}"), ("loop/step", "loop_vs_step", "{:.2f}"),
           ("infer img/s", "infer_img_s", "{:.0f}"), ("torch train", "peer_train_img_s", "{:.0f}"),

@@ -33,7 +33,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.stem_stride = 2
   c.model.shallow = False
   c.model.use_bias = True
-  c.model.depthwise = "auto"  # 'auto' (taps on CPU, grouped elsewhere) | 'grouped' | 'taps'
+  c.model.conv = "auto"      # 'auto' (shifted on CPU, lax elsewhere) | 'lax' | 'shifted'
   c.model.dtype = "float32"   # or 'bfloat16' (compute dtype; parameters stay float32)
 
   # Optimization (mobilenet_jax/train.py): SGD, Nesterov, piecewise-constant rate.
@@ -60,7 +60,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   elif preset == "quick":
     c.num_epochs = 20
     c.learning_rate = 0.1
-    c.lr_boundaries = (12, 17)
+    c.lr_boundaries = (10, 16)
     c.weight_decay = 5e-4
   elif preset == "smoke":
     c.num_epochs = 2

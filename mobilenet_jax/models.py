@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mobilenet_jax import depthwise
+from mobilenet_jax import convolutions
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -33,7 +33,7 @@ class ConvBNReLU(nn.Module):
   strides: int = 1
   groups: int = 1
   use_bias: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
   axis_name: str | None = None  # Synchronizes BatchNorm statistics under pmap.
 
@@ -43,8 +43,7 @@ class ConvBNReLU(nn.Module):
     x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
                 padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
                 use_bias=self.use_bias, kernel_init=he_normal, dtype=self.dtype,
-                conv_general_dilated=(depthwise.conv_fn(self.depthwise_impl)
-                                      if self.groups > 1 else None),
+                conv_general_dilated=convolutions.conv_fn(self.conv_impl),
                 name="conv")(x)
     # Running-average decay 0.9 and eps 1e-5: PyTorch's BatchNorm2d defaults.
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -57,13 +56,13 @@ class DepthwiseSeparable(nn.Module):
   features: int
   strides: int = 1
   use_bias: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
   axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    unit = functools.partial(ConvBNReLU, use_bias=self.use_bias, depthwise_impl=self.depthwise_impl,
+    unit = functools.partial(ConvBNReLU, use_bias=self.use_bias, conv_impl=self.conv_impl,
                              dtype=self.dtype, axis_name=self.axis_name)
     channels = x.shape[-1]
     x = unit(channels, 3, self.strides, groups=channels, name="depthwise")(x, train)
@@ -77,7 +76,7 @@ class MobileNetV1(nn.Module):
   stem_stride: int = 2
   shallow: bool = False
   use_bias: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
   axis_name: str | None = None
 
@@ -89,7 +88,7 @@ class MobileNetV1(nn.Module):
     for i, (features, strides) in enumerate(BLOCKS):
       if self.shallow and i in SHALLOW_DROPPED:
         continue
-      x = DepthwiseSeparable(width(features), strides, self.use_bias, self.depthwise_impl,
+      x = DepthwiseSeparable(width(features), strides, self.use_bias, self.conv_impl,
                              self.dtype, self.axis_name, name=f"block{i + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
@@ -107,8 +106,8 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
     raise ValueError(f"config.model.dtype={model_config.dtype!r}: expected one of {list(DTYPES)}.")
   if model_config.stem_stride not in (1, 2):
     raise ValueError(f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
-  depthwise.resolve(model_config.depthwise)  # Validates the name early.
+  convolutions.resolve(model_config.conv)  # Validates the name early.
   return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
                      stem_stride=model_config.stem_stride, shallow=model_config.shallow,
-                     use_bias=model_config.use_bias, depthwise_impl=model_config.depthwise,
+                     use_bias=model_config.use_bias, conv_impl=model_config.conv,
                      dtype=DTYPES[model_config.dtype], axis_name=axis_name)

@@ -1,4 +1,5 @@
 """Model structure: exact parameter counts, the paper's tables, shapes, dtypes, depthwise impls."""
+import functools
 import subprocess
 import sys
 
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from mobilenet_jax import depthwise, models, summary
+from mobilenet_jax import convolutions, models, summary
 
 
 def model_config(**overrides):
   c = ml_collections.ConfigDict(dict(num_classes=10, alpha=1.0, stem_stride=2, shallow=False,
-                                     use_bias=False, depthwise="auto", dtype="float32"))
+                                     use_bias=False, conv="auto", dtype="float32"))
   c.update(overrides)
   return c
 
@@ -101,40 +102,64 @@ def test_bfloat16_runs_and_stays_close_to_float32():
   np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("size,strides", [(8, 1), (8, 2), (7, 1), (7, 2), (9, 2)])
-def test_taps_depthwise_matches_grouped_conv_outputs_and_gradients(size, strides):
-  x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
-  def make(impl):
-    return models.ConvBNReLU(6, 3, strides, groups=6, use_bias=True, depthwise_impl=impl)
-  variables = make("grouped").init(jax.random.key(1), x, train=False)
+def _outputs_and_gradients(make, x):
+  """Value and (params, input) gradients of a fixed projection of `make(impl)`'s output."""
+  variables = make("lax").init(jax.random.key(1), x, train=False)
   def loss(impl, params, x):
     y = make(impl).apply({**variables, "params": params}, x, train=False)
     return jnp.sum(y * jnp.arange(y.size).reshape(y.shape) / y.size)
-  for_impl = {impl: jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x), argnums=(0, 1))(
-      variables["params"], x) for impl in ("grouped", "taps")}
-  ref, got = for_impl["grouped"], for_impl["taps"]
+  return {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1)))(
+      variables["params"], x) for impl in ("lax", "shifted")}
+
+
+def _assert_same(results):
+  ref, got = results["lax"], results["shifted"]
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_depthwise_implementations_share_one_parameter_tree():
+@pytest.mark.parametrize("size,strides", [(8, 1), (8, 2), (7, 1), (7, 2), (9, 2)])
+def test_shifted_depthwise_matches_grouped_conv_outputs_and_gradients(size, strides):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+  make = lambda impl: models.ConvBNReLU(6, 3, strides, groups=6, use_bias=True, conv_impl=impl)
+  _assert_same(_outputs_and_gradients(make, x))
+
+
+@pytest.mark.parametrize("kernel,size,strides", [(3, 8, 1), (3, 9, 2), (1, 7, 1), (3, 8, 2)])
+def test_shifted_dense_conv_matches_lax_outputs_and_gradients(kernel, size, strides):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  make = lambda impl: models.ConvBNReLU(5, kernel, strides, use_bias=True, conv_impl=impl)
+  _assert_same(_outputs_and_gradients(make, x))
+
+
+def test_whole_model_agrees_across_implementations():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  outs = {}
+  for impl in ("lax", "shifted"):
+    model = models.create_model(model_config(alpha=0.25, conv=impl, stem_stride=1))
+    variables = jax.jit(lambda x, m=model: m.init(jax.random.key(0), x, train=False))(x)
+    outs[impl] = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))(variables, x)
+  np.testing.assert_allclose(outs["shifted"], outs["lax"], rtol=1e-4, atol=1e-5)
+
+
+def test_implementations_share_one_parameter_tree():
   x = jnp.ones((1, 32, 32, 3))
-  init = lambda impl: models.create_model(model_config(depthwise=impl)).init(
+  init = lambda impl: models.create_model(model_config(conv=impl)).init(
       jax.random.key(0), x, train=False)
   trees = [jax.tree.map(jnp.shape, jax.eval_shape(lambda i=impl: init(i)))
-           for impl in ("grouped", "taps")]
+           for impl in ("lax", "shifted")]
   assert trees[0] == trees[1]
   assert trees[0]["params"]["block1"]["depthwise"]["conv"]["kernel"] == (3, 3, 1, 32)
 
 
-def test_auto_picks_taps_on_cpu_and_grouped_on_accelerators():
-  assert depthwise.resolve("auto", "cpu") == "taps"
-  assert depthwise.resolve("auto", "gpu") == "grouped"
-  assert depthwise.resolve("auto", "tpu") == "grouped"
+def test_auto_picks_shifted_on_cpu_and_lax_on_accelerators():
+  assert convolutions.resolve("auto", "cpu") == "shifted"
+  assert convolutions.resolve("auto", "gpu") == "lax"
+  assert convolutions.resolve("auto", "tpu") == "lax"
 
 
-@pytest.mark.parametrize("field,value", [("alpha", 0.0), ("stem_stride", 3), ("depthwise", "fast"),
+@pytest.mark.parametrize("field,value", [("alpha", 0.0), ("stem_stride", 3), ("conv", "fast"),
                                          ("dtype", "float16")])
 def test_bad_model_config_is_rejected_by_name(field, value):
   with pytest.raises(ValueError, match=f"config.model.{field}"):
