@@ -22,7 +22,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every step of a save at INFO.
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.mode == "eval":
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.config.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    raise app.UsageError(f"--config.mode={FLAGS.config.mode!r}: expected 'train' or 'eval'.")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import ml_collections
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   """Returns the config for `preset` ('' = the Keras reference recipe)."""
   c = ml_collections.ConfigDict()
+  c.mode = "train"            # 'train' | 'eval' (test accuracy of the workdir's latest checkpoint)
 
   # Data (mobilenet_jax/input_pipeline.py).
   c.dataset = "cifar10"
@@ -58,9 +59,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.model.stem_stride = 1
     c.model.use_bias = False
   elif preset == "quick":
+    # One warm-up epoch at 0.01, then 0.05 (0.1 made the loss climb again by epoch 5).
     c.num_epochs = 20
-    c.learning_rate = 0.1
-    c.lr_boundaries = (10, 16)
+    c.learning_rate = 0.01
+    c.lr_boundaries = (1, 10, 16)
+    c.lr_decay = (5.0, 0.1, 0.1)
     c.weight_decay = 5e-4
   elif preset == "smoke":
     c.num_epochs = 2

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import tqdm
 
-from mobilenet_jax import checkpoints, input_pipeline, metric_logging, models, parallel, steps
+from mobilenet_jax import checkpoints, inference, input_pipeline, metric_logging, models, parallel
+from mobilenet_jax import steps
 from mobilenet_jax import summary as summary_lib
 
 
@@ -74,11 +75,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = time.time()
   chief = jax.process_index() == 0
 
-  data = input_pipeline.load(config)
-  if data.num_classes != config.model.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but "
-                     f"{config.dataset} has {data.num_classes} classes: pass "
-                     f"--config.model.num_classes={data.num_classes}.")
+  data = _load(config)
   if len(data.train.labels) < config.batch_size:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the "
                      f"{len(data.train.labels)} training examples.")
@@ -99,6 +96,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if chief:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
+    inference.save_label_names(workdir, data.label_names)
   logger = metric_logging.MetricLogger(workdir) if chief else None
 
   state = runner.put_state(state)
@@ -148,8 +146,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  "epoch": epoch + 1}
       if finished or (epoch + 1) % config.eval_every_epochs == 0:
         test = _sum(runner.metrics(runner.evaluate(state, *eval_data)))
-        scalars.update(test_loss=test["loss"] / test["count"],
-                       test_accuracy=test["correct"] / test["count"])
+        scalars.update({k: v for k, v in _test_results(test).items() if k != "test_examples"})
       if logger:
         logger.write(step, scalars)
       if finished or (epoch + 1) % config.checkpoint_every_epochs == 0:
@@ -162,9 +159,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   if test is None:  # Resumed after the last epoch: evaluate the restored state.
     test = _sum(runner.metrics(runner.evaluate(state, *eval_data)))
-  results = {"test_accuracy": test["correct"] / test["count"],
-             "test_loss": test["loss"] / test["count"],
-             "test_examples": int(test["count"]),
+  results = {**_test_results(test),
              "epochs": config.num_epochs,
              "params": summary.params,
              "macs": summary.macs,
@@ -176,6 +171,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
           f"examples (loss {results['test_loss']:.4f})", flush=True)
   return results
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """Test metrics of the latest checkpoint in `workdir` (`--config.mode=eval`), without training."""
+  check_config(config, workdir)
+  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate: train first "
+                            f"with `python run.py --config=... --workdir={workdir}`.")
+  data = _load(config)
+  runner = parallel.create_runner(config, len(data.train.labels))
+  model = models.create_model(config.model, axis_name=runner.axis_name)
+  state = checkpointer.restore(steps.create_train_state(
+      model, steps.create_optimizer(config, runner.steps_per_epoch), jax.random.key(0),
+      config.image_size))
+  checkpointer.close()
+  test = _sum(runner.metrics(runner.evaluate(runner.put_state(state),
+                                             *runner.put_eval_data(data.test))))
+  results = {**_test_results(test), "step": int(state.step)}
+  print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} on "
+        f"{results['test_examples']} examples (loss {results['test_loss']:.4f})", flush=True)
+  return results
+
+
+def _load(config) -> input_pipeline.Dataset:
+  data = input_pipeline.load(config)
+  if data.num_classes != config.model.num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but "
+                     f"{config.dataset} has {data.num_classes} classes: pass "
+                     f"--config.model.num_classes={data.num_classes}.")
+  return data
+
+
+def _test_results(sums) -> dict:
+  return {"test_accuracy": sums["correct"] / sums["count"],
+          "test_loss": sums["loss"] / sums["count"], "test_examples": int(sums["count"])}
 
 
 def _sum(metrics) -> dict:

@@ -154,3 +154,39 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
   assert "The training loss became nan" in result.stderr or "became inf" in result.stderr
   assert "last good checkpoint (step 4)" in result.stderr
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def test_steady_state_loop_makes_no_host_to_device_transfer(mock_tfds, smoke_config):
+  del mock_tfds
+  from mobilenet_jax import input_pipeline, parallel  # pylint: disable=g-import-not-at-top
+  data = input_pipeline.load(smoke_config)
+  runner = parallel.create_runner(smoke_config, len(data.train.labels))
+  state = runner.put_state(_state(smoke_config, runner.steps_per_epoch))
+  train_data = runner.put_train_data(data.train)
+  perm = runner.shuffle(state)
+  state, _ = runner.train(state, train_data, perm)  # Compile outside the guard.
+  with jax.transfer_guard_host_to_device("disallow"):
+    for _ in range(3):
+      state, metrics = runner.train(state, train_data, perm)
+    assert float(runner.metrics(metrics)["count"]) == smoke_config.batch_size
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+      runner.train(state, train_data, np.asarray(perm))  # The guard does catch a host input.
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(
+      [sys.executable, str(ROOT / "tests" / "mock_run.py"), "--config=configs/cifar.py:smoke",
+       "--config.download=False", "--config.num_epochs=100000", f"--workdir={tmp_path}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / "checkpoints" / "4").exists() and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = checkpoints.Checkpointer(str(tmp_path), 3).latest_step()
+  assert saved > 4 and f"SIGTERM: saved the checkpoint at step {saved}" in stderr
