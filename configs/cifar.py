@@ -59,10 +59,16 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.model.stem_stride = 1
     c.model.use_bias = False
   elif preset == "quick":
-    # One warm-up epoch at 0.01, then 0.05 (0.1 made the loss climb again by epoch 5).
-    c.num_epochs = 20
+    # ~40 minutes on 2 CPU cores. The stride-1 PyTorch layout keeps 32x32 feature maps early
+    # (the stride-2 layout trains 1.7x faster per epoch but learns CIFAR's small images far
+    # more slowly); width 0.5 makes it affordable. One warm-up epoch at 0.01, then 0.05
+    # (0.1 made the loss climb again by epoch 5), two 10x decays.
+    c.model.stem_stride = 1
+    c.model.use_bias = False
+    c.model.alpha = 0.5
+    c.num_epochs = 13
     c.learning_rate = 0.01
-    c.lr_boundaries = (1, 10, 16)
+    c.lr_boundaries = (1, 7, 11)
     c.lr_decay = (5.0, 0.1, 0.1)
     c.weight_decay = 5e-4
   elif preset == "smoke":

@@ -1,8 +1,8 @@
 """Data-parallel execution: `jax.jit` over a 1-D device mesh (default) or `jax.pmap`.
 
 Both runners compile the same pure `steps.train_step`, wrapped with the on-device
-batch gather, and expose the same five operations, so the training loop does not
-know which one it drives. Datasets are replicated on every device (CIFAR is
+batch gather, and expose the same operations (put/get state and data, shuffle,
+train, evaluate, fetch metrics), so the training loop does not know which one it drives. Datasets are replicated on every device (CIFAR is
 150 MB as uint8); each step gathers the global batch from the epoch's
 permutation, sharded along the batch axis.
 """
@@ -26,8 +26,7 @@ class _Runner:
     self.num_devices = jax.device_count()
     self.num_train = num_train
     self.steps_per_epoch = num_train // config.batch_size
-    shuffle_rng, self.augment_rng = jax.random.split(jax.random.key(config.seed + 1))
-    self.shuffle_rng = shuffle_rng
+    self.shuffle_rng, self.augment_rng = jax.random.split(jax.random.key(config.seed + 1))
 
   def _permutation(self, step):
     return input_pipeline.epoch_permutation(

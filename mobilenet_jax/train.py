@@ -125,7 +125,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           bar.update(1)
           if step % 50 == 0:
             bar.set_postfix(loss=f"{float(runner.metrics(metrics)['loss']) / config.batch_size:.3f}")
-        sums = _sum(runner.metrics(epoch_metrics))
+        sums = _sum(runner.metrics(epoch_metrics)) if epoch_metrics else {"loss": 0.0}
       bar.close()
       train_time += time.time() - t0
       train_images += (step - timed_from) * config.batch_size
