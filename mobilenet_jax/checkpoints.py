@@ -9,8 +9,9 @@ class Checkpointer:
   """Saves host copies of the state; restores the latest one into a template state."""
 
   def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=False))
 
@@ -29,7 +30,13 @@ class Checkpointer:
     if step is None:
       return template
     target = flax.serialization.to_state_dict(template)
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError) as e:
+      raise ValueError(
+          f"The checkpoint at step {step} in {self.directory} does not fit the configured model "
+          "or optimizer: it was written with another config. Rerun with the config it was "
+          "trained with (config.json beside it) or use a new --workdir.") from e
     return flax.serialization.from_state_dict(template, restored)
 
   def close(self):

@@ -16,7 +16,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from mobilenet_jax import inference, input_pipeline, models  # pylint: disable=g-import-not-at-top
@@ -80,6 +80,7 @@ def export(workdir: str, fmt: str, out: str, quantize: str = "none",
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO.
   del argv
   f = flags.FLAGS
   try:

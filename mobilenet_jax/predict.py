@@ -7,7 +7,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -31,6 +31,7 @@ def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO.
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Name at least one PNG or JPEG image.")

@@ -190,3 +190,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, stderr[-3000:]
   saved = checkpoints.Checkpointer(str(tmp_path), 3).latest_step()
   assert saved > 4 and f"SIGTERM: saved the checkpoint at step {saved}" in stderr
+
+
+def test_resuming_with_an_incompatible_config_says_so(tmp_path):
+  args = ["--config=configs/cifar.py:smoke", "--config.download=False", f"--workdir={tmp_path}",
+          "--config.num_epochs=1"]
+  assert run_mocked(*args).returncode == 0
+  result = run_mocked(*args, "--config.model.alpha=0.5", "--config.num_epochs=2")
+  assert result.returncode != 0
+  assert "does not fit the configured model or optimizer" in result.stderr
