@@ -2,7 +2,10 @@
 import os
 
 import flax
+import jax
 import orbax.checkpoint as ocp
+
+from mobilenet_jax import models, steps
 
 
 class Checkpointer:
@@ -41,3 +44,20 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def restore_trained(workdir: str, config):
+  """The latest TrainState of a trained workdir, for evaluation and inference (none: an error)."""
+  checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first with "
+                              f"`python run.py --config=... --workdir={workdir}`.")
+    # Inference-mode BatchNorm needs no pmap axis, and the optimizer's state structure does
+    # not depend on the schedule's steps per epoch.
+    template = steps.create_train_state(models.create_model(config.model),
+                                        steps.create_optimizer(config, 1), jax.random.key(0),
+                                        config.image_size)
+    return checkpointer.restore(template)
+  finally:
+    checkpointer.close()

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mobilenet_jax import checkpoints, input_pipeline, models, steps
+from mobilenet_jax import checkpoints, input_pipeline, models
 
 LABELS_FILE = "label_names.json"
 
@@ -29,19 +29,12 @@ def load(workdir: str) -> Trained:
                             "`python run.py --workdir=...` trained in.")
   with open(config_path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first with "
-                            f"`python run.py --config=... --workdir={workdir}`.")
-  model = models.create_model(config.model)
-  template = steps.create_train_state(model, steps.create_optimizer(config, 1),
-                                      jax.random.key(0), config.image_size)
-  state = checkpointer.restore(template)
-  checkpointer.close()
+  state = checkpoints.restore_trained(workdir, config)
   with open(os.path.join(workdir, LABELS_FILE), encoding="utf-8") as f:
     label_names = tuple(json.load(f))
-  return Trained(config, model, {"params": state.params, "batch_stats": state.batch_stats},
-                 label_names, int(state.step))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return Trained(config, models.create_model(config.model), variables, label_names,
+                 int(state.step))
 
 
 def save_label_names(workdir: str, label_names) -> None:

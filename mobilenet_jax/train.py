@@ -176,17 +176,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Test metrics of the latest checkpoint in `workdir` (`--config.mode=eval`), without training."""
   check_config(config, workdir)
-  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate: train first "
-                            f"with `python run.py --config=... --workdir={workdir}`.")
+  state = checkpoints.restore_trained(workdir, config)
   data = _load(config)
   runner = parallel.create_runner(config, len(data.train.labels))
-  model = models.create_model(config.model, axis_name=runner.axis_name)
-  state = checkpointer.restore(steps.create_train_state(
-      model, steps.create_optimizer(config, runner.steps_per_epoch), jax.random.key(0),
-      config.image_size))
-  checkpointer.close()
   test = _sum(runner.metrics(runner.evaluate(runner.put_state(state),
                                              *runner.put_eval_data(data.test))))
   results = {**_test_results(test), "step": int(state.step)}
