@@ -31,8 +31,8 @@ def plot(workdir: str, out: str, title: str | None = None) -> None:
     ax.legend()
   best = max(tested, key=lambda r: r["test_accuracy"]) if tested else None
   if best:
-    axes[1].annotate(f"{best['test_accuracy']:.2%}", (best["epoch"], best["test_accuracy"]),
-                     textcoords="offset points", xytext=(-30, -15))
+    axes[1].annotate(f"best test {best['test_accuracy']:.2%}", (best["epoch"], best["test_accuracy"]),
+                     textcoords="offset points", xytext=(-90, -15))
   # The rate in force during each epoch, drawn over that epoch's span (epoch e covers [e-1, e]).
   axes[2].stairs([r["learning_rate"] for r in records], [epochs[0] - 1] + epochs)
   axes[2].set_yscale("log")

@@ -121,7 +121,7 @@ def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
 def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   args = ["--config=configs/cifar.py:quick", f"--config.data_dir={SHARED_TFDS}",
           "--config.download=False", "--config.num_epochs=3", "--config.lr_boundaries=(1, 2)",
-          "--config.lr_decay=(5.0, 0.1)", "--config.model.alpha=0.5",
+          "--config.lr_decay=(5.0, 0.1)", "--config.model.alpha=0.5", "--config.model.use_bias=False",
           "--config.eval_examples=500", "--config.progress_bar=False", f"--workdir={tmp_path}"]
   result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True,
                           text=True, check=False)
@@ -134,4 +134,5 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   jax_top1 = np.argmax(np.asarray(inference.logits_fn(trained)(jnp.asarray(images))), -1)
   tflite_top1 = np.argmax(_interpret(out.read_bytes(), images.astype(np.float32)), -1)
   agreement = float(np.mean(jax_top1 == tflite_top1))
+  print(f"int8 top-1 agreement with JAX: {agreement:.1%}")
   assert agreement >= 0.95, agreement
