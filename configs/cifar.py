@@ -2,7 +2,7 @@ r"""MobileNetV1 on CIFAR-10: the Keras reference recipe and its presets.
 
   python run.py --config=configs/cifar.py --workdir=/tmp/mobilenet       # Keras recipe
   python run.py --config=configs/cifar.py:torch --workdir=...            # PyTorch layout
-  python run.py --config=configs/cifar.py:quick --workdir=...            # ~40 min on 2 CPU cores
+  python run.py --config=configs/cifar.py:quick --workdir=...            # ~42 min on 2 CPU cores
   python run.py --config=configs/cifar.py:smoke --workdir=...            # seconds, for tests
 
 Any field can be overridden: `--config.num_epochs=1 --config.model.alpha=0.5`.
@@ -59,7 +59,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.model.stem_stride = 1
     c.model.use_bias = False
   elif preset == "quick":
-    # ~40 minutes on 2 CPU cores: the Keras layout, whose stride-2 stem makes an epoch ~4x
+    # ~42 minutes on 2 CPU cores: the Keras layout, whose stride-2 stem makes an epoch ~4x
     # cheaper than the PyTorch layout's, so 30 epochs fit. (The PyTorch layout at width 0.5
     # managed 13 epochs and 71.5%.) One warm-up epoch at 0.01, then 0.05 (a trial at 0.1 saw
     # the loss climb again by epoch 5), and two 10x decays.

@@ -6,8 +6,9 @@ than nine shifted multiply-adds, and a 1x1 convolution's backward pass is 2-5x
 slower than the same matrix product. The depthwise conv has its own VJP: autodiff
 of the nine multiply-adds keeps nine shifted copies of the input for the backward
 pass and reduces each separately for the kernel gradient; the custom VJP keeps the
-input alone and computes all nine kernel-gradient sums in one pass. GPUs and TPUs have fast convolution
-kernels (cuDNN, the TPU's MXU), so there `lax.conv_general_dilated` is used.
+input alone and computes all nine kernel-gradient sums in one pass. GPUs and TPUs
+have fast convolution kernels (cuDNN, the TPU's MXU), so there
+`lax.conv_general_dilated` is used.
 
 Both functions here have `lax.conv_general_dilated`'s signature and are handed to
 `nn.Conv(conv_general_dilated=...)`, so every implementation keeps the very same
@@ -51,8 +52,8 @@ def conv_shifted(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
   channels = lhs.shape[-1]
   if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     raise ValueError("conv_shifted does not support dilation.")
-  taps = _shifted_slices(lhs, (kh, kw), window_strides, padding)
   if feature_group_count == 1:
+    taps = _shifted_slices(lhs, (kh, kw), window_strides, padding)
     patches = jnp.concatenate([t for _, t in taps], axis=-1) if kh * kw > 1 else next(taps)[1]
     return jnp.dot(patches, rhs.reshape(kh * kw * k_in, k_out), precision=precision)
   if not (feature_group_count == channels == k_out and k_in == 1):

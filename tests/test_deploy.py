@@ -121,7 +121,8 @@ def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
 def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   args = ["--config=configs/cifar.py:quick", f"--config.data_dir={SHARED_TFDS}",
           "--config.download=False", "--config.num_epochs=3", "--config.lr_boundaries=(1, 2)",
-          "--config.lr_decay=(5.0, 0.1)", "--config.model.alpha=0.5", "--config.model.use_bias=False",
+          "--config.lr_decay=(5.0, 0.1)", "--config.model.stem_stride=2",
+          "--config.model.alpha=0.5", "--config.model.use_bias=False",
           "--config.eval_examples=500", "--config.progress_bar=False", f"--workdir={tmp_path}"]
   result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True,
                           text=True, check=False)
