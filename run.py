@@ -12,7 +12,8 @@ from ml_collections import config_flags
 from mobilenet_jax import train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/cifar.py:quick.",
+config_flags.DEFINE_config_file("config", None,
+                                "Config file and preset, e.g. configs/cifar.py:quick.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -1,4 +1,4 @@
-r"""Plots a run's learning curves from its `metrics.jsonl`: loss, accuracy and learning rate per epoch.
+r"""Plots a run's learning curves from its `metrics.jsonl`: loss, accuracy, learning rate.
 
   python benchmarks/plot_curves.py --workdir=workdirs/quick --out=docs/quick_curves.png
 """
@@ -22,7 +22,8 @@ def plot(workdir: str, out: str, title: str | None = None) -> None:
   epochs = [r["epoch"] for r in records]
   tested = [r for r in records if "test_accuracy" in r]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
+  panels = ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy"))
+  for ax, key, label in panels:
     ax.plot(epochs, [r[f"train_{key}"] for r in records], label="train (augmented)")
     ax.plot([r["epoch"] for r in tested], [r[f"test_{key}"] for r in tested], label="test")
     ax.set_xlabel("epoch")
@@ -31,8 +32,9 @@ def plot(workdir: str, out: str, title: str | None = None) -> None:
     ax.legend()
   best = max(tested, key=lambda r: r["test_accuracy"]) if tested else None
   if best:
-    axes[1].annotate(f"best test {best['test_accuracy']:.2%}", (best["epoch"], best["test_accuracy"]),
-                     textcoords="offset points", xytext=(-90, -15))
+    axes[1].annotate(f"best test {best['test_accuracy']:.2%}",
+                     (best["epoch"], best["test_accuracy"]), textcoords="offset points",
+                     xytext=(-90, -15))
   # The rate in force during each epoch, drawn over that epoch's span (epoch e covers [e-1, e]).
   axes[2].stairs([r["learning_rate"] for r in records], [epochs[0] - 1] + epochs)
   axes[2].set_yscale("log")
@@ -46,7 +48,8 @@ def plot(workdir: str, out: str, title: str | None = None) -> None:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True, help="PNG path")
   p.add_argument("--title")

@@ -66,7 +66,8 @@ def measure(args, stem, impl):
          "backend": jax.default_backend(), "devices": jax.device_count()}
 
   # The bare train step on one fixed device batch.
-  batch = {"image": jnp.asarray(split.images[:args.batch]), "label": jnp.asarray(split.labels[:args.batch])}
+  batch = {"image": jnp.asarray(split.images[:args.batch]),
+           "label": jnp.asarray(split.labels[:args.batch])}
   step = jax.jit(lambda s, b, r: steps.train_step(s, b, r, config), donate_argnums=0)
   holder = {"state": jax.tree.map(jnp.copy, state)}
   key = jax.random.key(1)
@@ -124,7 +125,8 @@ def peer(args, stem):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--stem", type=int, nargs="+", default=[2, 1])
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--alpha", type=float, default=1.0)
@@ -160,7 +162,8 @@ def main():
 def table(rows):
   cols = [("stem", "stem_stride", "{}"), ("conv", "conv", "{}"), ("batch", "batch", "{}"),
           ("compile s", "compile_s", "{:.1f}"), ("train step img/s", "train_step_img_s", "{:.0f}"),
-          ("train loop img/s", "train_loop_img_s", "{:.0f}"), ("loop/step", "loop_vs_step", "{:.2f}"),
+          ("train loop img/s", "train_loop_img_s", "{:.0f}"),
+          ("loop/step", "loop_vs_step", "{:.2f}"),
           ("infer img/s", "infer_img_s", "{:.0f}"), ("torch train", "peer_train_img_s", "{:.0f}"),
           ("torch infer eager", "peer_infer_eager_img_s", "{:.0f}"),
           ("torch infer compiled", "peer_infer_compiled_img_s", "{:.0f}"),

@@ -43,7 +43,7 @@ def tf_function(model_config, variables, image_size: int, mean, std):
 
 
 def to_tflite(fn, calibration_images=None) -> bytes:
-  """Converts; with `calibration_images` (NHWC pixels in [0, 255]), int8 post-training quantization."""
+  """Converts; with `calibration_images` (NHWC, pixels in [0, 255]), int8 post-training quant."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
   if calibration_images is not None:

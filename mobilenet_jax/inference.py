@@ -1,4 +1,4 @@
-"""A trained model from a workdir: its config, label names, inference variables and preprocessing."""
+"""A trained model from a workdir: config, label names, inference variables and preprocessing."""
 import dataclasses
 import json
 import os

@@ -2,9 +2,10 @@
 
 Both runners compile the same pure `steps.train_step`, wrapped with the on-device
 batch gather, and expose the same operations (put/get state and data, shuffle,
-train, evaluate, fetch metrics), so the training loop does not know which one it drives. Datasets are replicated on every device (CIFAR is
-150 MB as uint8); each step gathers the global batch from the epoch's
-permutation, sharded along the batch axis.
+train, evaluate, fetch metrics), so the training loop does not know which one it
+drives. Datasets are replicated on every device (CIFAR is 150 MB as uint8); each
+step gathers the global batch from the epoch's permutation, sharded along the
+batch axis.
 """
 
 import jax
@@ -117,7 +118,8 @@ class PmapRunner(_Runner):
     def put(x):
       x = np.asarray(x)
       return jax.make_array_from_single_device_arrays(
-          (self.num_devices, *x.shape), sharding, [jax.device_put(x[None], d) for d in self.devices])
+          (self.num_devices, *x.shape), sharding,
+          [jax.device_put(x[None], d) for d in self.devices])
     return jax.tree.map(put, tree)
 
   def put_state(self, state):

@@ -124,7 +124,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             t0, timed_from = time.time(), step
           bar.update(1)
           if step % 50 == 0:
-            bar.set_postfix(loss=f"{float(runner.metrics(metrics)['loss']) / config.batch_size:.3f}")
+            loss = float(runner.metrics(metrics)["loss"]) / config.batch_size
+            bar.set_postfix(loss=f"{loss:.3f}")
         sums = _sum(runner.metrics(epoch_metrics)) if epoch_metrics else {"loss": 0.0}
       bar.close()
       train_time += time.time() - t0

@@ -65,7 +65,7 @@ def _predict(workdir, *paths):
 def test_predict_prints_top5_class_names_for_png_jpeg_gray_and_rgba(trained_workdir, tmp_path):
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (32, 32, 3), np.uint8)
-  paths = [tmp_path / "rgb.png", tmp_path / "photo.jpg", tmp_path / "gray.png", tmp_path / "rgba.png"]
+  paths = [tmp_path / name for name in ("rgb.png", "photo.jpg", "gray.png", "rgba.png")]
   Image.fromarray(rgb).save(paths[0])
   Image.fromarray(rgb).resize((64, 48)).save(paths[1])
   Image.fromarray(rgb[..., 0]).save(paths[2])
@@ -117,7 +117,8 @@ def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(), reason="no prepared CIFAR-10 in ../shared")
+@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),
+                    reason="no prepared CIFAR-10 in ../shared")
 def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   args = ["--config=configs/cifar.py:quick", f"--config.data_dir={SHARED_TFDS}",
           "--config.download=False", "--config.num_epochs=3", "--config.lr_boundaries=(1, 2)",

@@ -1,4 +1,4 @@
-"""Input pipeline: loading (mock and real CIFAR-10), augmentation properties, eval coverage, errors."""
+"""Input pipeline: loading (mock and real CIFAR-10), augmentation, eval coverage, errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,7 +132,8 @@ def test_missing_dataset_offline_names_dir_and_both_fixes(smoke_config, tmp_path
   assert "cifar-10-binary.tar.gz" in message and str(tmp_path / "downloads" / "manual") in message
 
 
-@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(), reason="no prepared CIFAR-10 in ../shared")
+@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),
+                    reason="no prepared CIFAR-10 in ../shared")
 def test_real_cifar10_from_shared_folder(smoke_config):
   smoke_config.data_dir = str(SHARED_TFDS)
   smoke_config.train_examples = None

@@ -23,7 +23,8 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
             "--config.train_examples=48", "--config.progress_bar=False", *WELL_CONDITIONED]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
   for name, (env, mode) in runs.items():
-    result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}", env=env)
+    result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}",
+                        env=env)
     assert result.returncode == 0, result.stderr[-3000:]
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config("smoke")
