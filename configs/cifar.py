@@ -23,6 +23,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.image_size = 32          # The paper's resolution multiplier: resize on device.
   c.augment = "crop+flip"    # 'none' | 'crop' | 'flip' | 'crop+flip'
   c.crop_padding = 4         # Random translation of up to 4 pixels (0.125 of 32).
+  c.eval_flip = False        # Evaluate (and predict) on the mean logits of image and mirror.
   c.mean = (125.307, 122.95, 113.865)
   c.std = (62.9932, 62.0887, 66.7048)
   # None: the whole split; an int keeps the split's first n examples.
@@ -36,6 +37,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.stem_stride = 2
   c.model.shallow = False
   c.model.use_bias = True
+  c.model.kernel_init = "he_normal"  # Keras' conv init; 'torch': PyTorch's default (see models)
   c.model.conv = "auto"      # 'auto' (shifted on CPU, lax elsewhere) | 'lax' | 'shifted'
   c.model.dtype = "float32"   # or 'bfloat16' (compute dtype; parameters stay float32)
 
@@ -60,6 +62,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   if preset == "torch":
     c.model.stem_stride = 1
     c.model.use_bias = False
+    c.model.kernel_init = "torch"
   elif preset == "quick":
     # 42-46 minutes on 2 CPU cores, 81.2%: the Keras layout, whose stride-2 stem makes an epoch
     # ~4x cheaper than the PyTorch layout's, so 30 epochs fit. (The PyTorch layout at width 0.5

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mobilenet_jax import checkpoints, input_pipeline, models
+from mobilenet_jax import checkpoints, models, steps
 
 LABELS_FILE = "label_names.json"
 
@@ -61,10 +61,6 @@ def read_image(path: str) -> np.ndarray:
 
 
 def logits_fn(trained: Trained):
-  """A jitted function: uint8 images (n, h, w, 3) of any size -> logits, preprocessed as in eval."""
-  config = trained.config
-  @jax.jit
-  def logits(images):
-    x = input_pipeline.preprocess(images, config)
-    return trained.model.apply(trained.variables, x, train=False)
-  return logits
+  """A jitted function: uint8 images (n, h, w, 3) of any size -> logits, computed as in eval."""
+  return jax.jit(lambda images: steps.eval_logits(trained.model.apply, trained.variables, images,
+                                                  trained.config))

@@ -22,51 +22,63 @@ BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (1024, 2), (1024, 1))
 SHALLOW_DROPPED = range(6, 11)  # The five 512-wide stride-1 blocks.
 
-# Keras' he_normal: truncated normal, variance 2 / fan_in.
-he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+# Conv kernel initializers (the dense head keeps Flax's default). BatchNorm follows every
+# conv, so a kernel's scale sets its effective learning rate (the gradient scales as 1/|w|, the
+# update's relative size as lr/|w|^2), and weight decay takes ~1/(lr * wd) steps to forget
+# it: the choice shows in short schedules.
+KERNEL_INITS = {
+    # Keras' he_normal (the Keras recipe): truncated normal, variance 2 / fan_in.
+    "he_normal": nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"),
+    # PyTorch's default (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)), variance 1 / (3 fan_in).
+    "torch": nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+}
+
+ModuleDef = Any
+
+
+def conv_and_norm(train: bool, use_bias: bool = False, kernel_init: str = "he_normal",
+                  conv_impl: str = "auto", dtype: Any = jnp.float32,
+                  axis_name: str | None = None) -> tuple[ModuleDef, ModuleDef]:
+  """`nn.Conv` and `nn.BatchNorm` with the settings every layer shares bound."""
+  conv = functools.partial(nn.Conv, use_bias=use_bias, kernel_init=KERNEL_INITS[kernel_init],
+                           dtype=dtype, conv_general_dilated=convolutions.conv_fn(conv_impl))
+  # Running-average decay 0.9 and eps 1e-5: PyTorch's BatchNorm2d defaults.
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype, axis_name=axis_name)
+  return conv, norm
 
 
 class ConvBNReLU(nn.Module):
   """Convolution -> BatchNorm -> ReLU, the unit every layer of MobileNetV1 is built from."""
   features: int
   kernel_size: int
+  conv: ModuleDef  # nn.Conv with the model's bias, init, dtype and implementation bound.
+  norm: ModuleDef  # nn.BatchNorm with the model's train/eval mode, dtype and pmap axis bound.
   strides: int = 1
   groups: int = 1
-  use_bias: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
-  axis_name: str | None = None  # Synchronizes BatchNorm statistics under pmap.
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x):
     pad = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                use_bias=self.use_bias, kernel_init=he_normal, dtype=self.dtype,
-                conv_general_dilated=convolutions.conv_fn(self.conv_impl),
-                name="conv")(x)
-    # Running-average decay 0.9 and eps 1e-5: PyTorch's BatchNorm2d defaults.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
-    return nn.relu(x)
+    x = self.conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
+                  padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                  name="conv")(x)
+    return nn.relu(self.norm(name="bn")(x))
 
 
 class DepthwiseSeparable(nn.Module):
   """Depthwise 3x3 conv, BN, ReLU, then pointwise 1x1 conv, BN, ReLU (paper Fig. 3)."""
   features: int
+  conv: ModuleDef
+  norm: ModuleDef
   strides: int = 1
-  use_bias: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
-  axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    unit = functools.partial(ConvBNReLU, use_bias=self.use_bias, conv_impl=self.conv_impl,
-                             dtype=self.dtype, axis_name=self.axis_name)
+  def __call__(self, x):
+    unit = functools.partial(ConvBNReLU, conv=self.conv, norm=self.norm)
     channels = x.shape[-1]
-    x = unit(channels, 3, self.strides, groups=channels, name="depthwise")(x, train)
-    return unit(self.features, 1, name="pointwise")(x, train)
+    x = unit(channels, 3, strides=self.strides, groups=channels, name="depthwise")(x)
+    return unit(self.features, 1, name="pointwise")(x)
 
 
 class MobileNetV1(nn.Module):
@@ -76,20 +88,22 @@ class MobileNetV1(nn.Module):
   stem_stride: int = 2
   shallow: bool = False
   use_bias: bool = False
+  kernel_init: str = "he_normal"
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
-  axis_name: str | None = None
+  axis_name: str | None = None  # Synchronizes BatchNorm statistics under pmap.
 
   @nn.compact
   def __call__(self, x, train: bool):
     width = lambda c: max(1, int(c * self.alpha))
-    x = ConvBNReLU(width(32), 3, self.stem_stride, use_bias=self.use_bias, dtype=self.dtype,
-                   axis_name=self.axis_name, name="stem")(x.astype(self.dtype), train)
+    conv, norm = conv_and_norm(train, self.use_bias, self.kernel_init, self.conv_impl,
+                               self.dtype, self.axis_name)
+    x = ConvBNReLU(width(32), 3, conv, norm, strides=self.stem_stride,
+                   name="stem")(x.astype(self.dtype))
     for i, (features, strides) in enumerate(BLOCKS):
       if self.shallow and i in SHALLOW_DROPPED:
         continue
-      x = DepthwiseSeparable(width(features), strides, self.use_bias, self.conv_impl,
-                             self.dtype, self.axis_name, name=f"block{i + 1}")(x, train)
+      x = DepthwiseSeparable(width(features), conv, norm, strides, name=f"block{i + 1}")(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
@@ -104,10 +118,15 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
     raise ValueError(f"config.model.alpha={model_config.alpha}: must be > 0.")
   if model_config.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={model_config.dtype!r}: expected one of {list(DTYPES)}.")
+  kernel_init = model_config.get("kernel_init", "he_normal")  # Configs saved before the field.
+  if kernel_init not in KERNEL_INITS:
+    raise ValueError(f"config.model.kernel_init={kernel_init!r}: expected one of "
+                     f"{list(KERNEL_INITS)}.")
   if model_config.stem_stride not in (1, 2):
     raise ValueError(f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
   convolutions.resolve(model_config.conv)  # Validates the name early.
   return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
                      stem_stride=model_config.stem_stride, shallow=model_config.shallow,
-                     use_bias=model_config.use_bias, conv_impl=model_config.conv,
+                     use_bias=model_config.use_bias, kernel_init=kernel_init,
+                     conv_impl=model_config.conv,
                      dtype=DTYPES[model_config.dtype], axis_name=axis_name)

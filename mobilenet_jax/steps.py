@@ -80,8 +80,21 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   return state, metrics
 
 
+def eval_logits(apply_fn, variables, images, config):
+  """Inference-mode logits of uint8 images, as evaluation and prediction compute them.
+
+  With `config.eval_flip` they are the mean of each image's and its mirror image's
+  logits: test-time augmentation, cheap and in-distribution since training flips too.
+  """
+  x = input_pipeline.preprocess(images, config)
+  if not config.get("eval_flip", False):  # Configs saved before the flag: no flip.
+    return apply_fn(variables, x, train=False)
+  both = apply_fn(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)
+  return (both[:len(x)] + both[len(x):]) / 2
+
+
 def eval_step(state: TrainState, images, labels, mask, config):
   """Metric sums over one (padded) batch, with BatchNorm in inference mode."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          input_pipeline.preprocess(images, config), train=False)
+  logits = eval_logits(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                       images, config)
   return _metrics(logits, labels, mask)

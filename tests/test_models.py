@@ -15,7 +15,8 @@ from mobilenet_jax import convolutions, models, summary
 
 def model_config(**overrides):
   c = ml_collections.ConfigDict(dict(num_classes=10, alpha=1.0, stem_stride=2, shallow=False,
-                                     use_bias=False, conv="auto", dtype="float32"))
+                                     use_bias=False, kernel_init="he_normal", conv="auto",
+                                     dtype="float32"))
   c.update(overrides)
   return c
 
@@ -67,9 +68,9 @@ def test_one_point_zero_224_is_within_one_percent_strictly():
 @pytest.mark.parametrize("size,strides,expected", [(16, 1, 16), (16, 2, 8), (15, 2, 8), (7, 1, 7),
                                                    (9, 2, 5)])
 def test_block_output_shapes(size, strides, expected):
-  block = models.DepthwiseSeparable(features=24, strides=strides)
+  block = models.DepthwiseSeparable(24, *models.conv_and_norm(train=False), strides=strides)
   x = jnp.ones((2, size, size, 8))
-  y, _ = jax.jit(lambda x: block.init_with_output(jax.random.key(0), x, train=False))(x)
+  y, _ = jax.jit(lambda x: block.init_with_output(jax.random.key(0), x))(x)
   assert y.shape == (2, expected, expected, 24)
 
 
@@ -102,11 +103,15 @@ def test_bfloat16_runs_and_stays_close_to_float32():
   np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()))
 
 
+def _layers(impl):
+  return models.conv_and_norm(train=False, use_bias=True, conv_impl=impl)
+
+
 def _outputs_and_gradients(make, x):
   """Value and (params, input) gradients of a fixed projection of `make(impl)`'s output."""
-  variables = make("lax").init(jax.random.key(1), x, train=False)
+  variables = make("lax").init(jax.random.key(1), x)
   def loss(impl, params, x):
-    y = make(impl).apply({**variables, "params": params}, x, train=False)
+    y = make(impl).apply({**variables, "params": params}, x)
     return jnp.sum(y * jnp.arange(y.size).reshape(y.shape) / y.size)
   return {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1)))(
       variables["params"], x) for impl in ("lax", "shifted")}
@@ -122,14 +127,14 @@ def _assert_same(results):
 @pytest.mark.parametrize("size,strides", [(8, 1), (8, 2), (7, 1), (7, 2), (9, 2)])
 def test_shifted_depthwise_matches_grouped_conv_outputs_and_gradients(size, strides):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
-  make = lambda impl: models.ConvBNReLU(6, 3, strides, groups=6, use_bias=True, conv_impl=impl)
+  make = lambda impl: models.ConvBNReLU(6, 3, *_layers(impl), strides=strides, groups=6)
   _assert_same(_outputs_and_gradients(make, x))
 
 
 @pytest.mark.parametrize("kernel,size,strides", [(3, 8, 1), (3, 9, 2), (1, 7, 1), (3, 8, 2)])
 def test_shifted_dense_conv_matches_lax_outputs_and_gradients(kernel, size, strides):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-  make = lambda impl: models.ConvBNReLU(5, kernel, strides, use_bias=True, conv_impl=impl)
+  make = lambda impl: models.ConvBNReLU(5, kernel, *_layers(impl), strides=strides)
   _assert_same(_outputs_and_gradients(make, x))
 
 
@@ -153,6 +158,14 @@ def test_implementations_share_one_parameter_tree():
   assert trees[0]["params"]["block1"]["depthwise"]["conv"]["kernel"] == (3, 3, 1, 32)
 
 
+@pytest.mark.parametrize("init,variance", [("he_normal", 2.0), ("torch", 1 / 3)])
+def test_conv_kernels_start_with_the_named_variance_times_one_over_fan_in(init, variance):
+  model = models.create_model(model_config(kernel_init=init))
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))()
+  kernel = params["params"]["block13"]["pointwise"]["conv"]["kernel"]  # fan_in 1024, 1M weights
+  np.testing.assert_allclose(np.var(kernel) * 1024, variance, rtol=0.02)
+
+
 def test_auto_picks_shifted_on_cpu_and_lax_on_accelerators():
   assert convolutions.resolve("auto", "cpu") == "shifted"
   assert convolutions.resolve("auto", "gpu") == "lax"
@@ -160,7 +173,7 @@ def test_auto_picks_shifted_on_cpu_and_lax_on_accelerators():
 
 
 @pytest.mark.parametrize("field,value", [("alpha", 0.0), ("stem_stride", 3), ("conv", "fast"),
-                                         ("dtype", "float16")])
+                                         ("dtype", "float16"), ("kernel_init", "xavier")])
 def test_bad_model_config_is_rejected_by_name(field, value):
   with pytest.raises(ValueError, match=f"config.model.{field}"):
     models.create_model(model_config(**{field: value}))

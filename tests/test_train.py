@@ -38,6 +38,19 @@ def test_train_and_eval_step_and_loss_decreases_on_a_fixed_batch(smoke_config):
   assert float(sums["count"]) == 16 and 0 <= float(sums["correct"]) <= 16
 
 
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config):
+  state, images = _state(smoke_config), _batch(smoke_config)["image"]
+  logits = lambda x: steps.eval_logits(
+      state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, x, smoke_config)
+  plain, mirrored = logits(images), logits(images[:, :, ::-1])
+  smoke_config.eval_flip = True
+  averaged = logits(images)
+  scale = float(np.abs(plain).max())  # Logits of an untrained network are small.
+  np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-4, atol=1e-4 * scale)
+  np.testing.assert_allclose(logits(images[:, :, ::-1]), averaged, rtol=1e-4, atol=1e-4 * scale)
+  assert np.abs(averaged - plain).max() > 0.05 * scale  # Not a no-op: the net is not symmetric.
+
+
 def test_batchnorm_statistics_update_in_train_mode(smoke_config):
   state = _state(smoke_config)
   step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), smoke_config))
