@@ -49,6 +49,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.lr_decay = (0.1, 0.1)       # Multiplies the rate at each boundary.
   c.momentum = 0.9
   c.weight_decay = 1e-4         # L2 on conv and dense kernels, added to the loss.
+  c.label_smoothing = 0.0       # Training targets only; logged losses are plain cross-entropy.
 
   # Execution.
   c.parallel = "jit"          # 'jit' (sharded over a device mesh) | 'pmap'

@@ -47,6 +47,12 @@ def l2_penalty(params):
                    if path[-1] == "kernel" and "depthwise" not in path)
 
 
+def training_loss(logits, labels, label_smoothing: float = 0.0):
+  """Mean cross-entropy against one-hot labels mixed with `label_smoothing` of the uniform."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
 def _metrics(logits, labels, mask=None):
   """Sums (not means), so that batches and devices combine by addition."""
   mask = jnp.ones_like(labels, jnp.float32) if mask is None else mask
@@ -68,8 +74,8 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                      images, train=True, mutable=["batch_stats"])
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return cross_entropy + config.weight_decay * l2_penalty(params), (logits, updates)
+    loss = training_loss(logits, batch["label"], config.label_smoothing)
+    return loss + config.weight_decay * l2_penalty(params), (logits, updates)
 
   grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   metrics = _metrics(logits, batch["label"])

@@ -29,6 +29,8 @@ def check_config(config, workdir: str) -> None:
   require(config.num_epochs > 0, f"config.num_epochs={config.num_epochs}: must be > 0.")
   require(0 <= config.momentum < 1, f"config.momentum={config.momentum}: must be in [0, 1).")
   require(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay}: must be >= 0.")
+  require(0 <= config.label_smoothing < 1,
+          f"config.label_smoothing={config.label_smoothing}: must be in [0, 1).")
   require(config.parallel in parallel.PARALLEL_MODES,
           f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}.")
   bounds = list(config.lr_boundaries)

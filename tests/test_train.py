@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT, run_mocked
@@ -80,11 +81,22 @@ def test_weight_decay_skips_depthwise_batchnorm_and_biases(smoke_config):
   np.testing.assert_allclose(float(steps.l2_penalty(params)), expected, rtol=1e-5)
 
 
+def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
+  logits = jax.random.normal(jax.random.key(0), (8, 10)) * 3
+  labels = jnp.arange(8) % 10
+  plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  uniform = jnp.mean(jax.nn.logsumexp(logits, -1) - logits.mean(-1))  # CE against 1/10 each.
+  np.testing.assert_allclose(steps.training_loss(logits, labels), plain, rtol=1e-6)
+  np.testing.assert_allclose(steps.training_loss(logits, labels, 0.2), 0.8 * plain + 0.2 * uniform,
+                             rtol=1e-5)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("learning_rate", -0.1, "config.learning_rate=-0.1"),
     ("parallel", "vmap", "config.parallel='vmap'"),
     ("lr_boundaries", (20, 10), "strictly increasing"),
-    ("lr_decay", (0.1,), "same length")])
+    ("lr_decay", (0.1,), "same length"),
+    ("label_smoothing", 1.0, "config.label_smoothing=1.0")])
 def test_bad_config_is_rejected_before_training(smoke_config, tmp_path, field, value, match):
   smoke_config[field] = value
   with pytest.raises(ValueError, match=match):
