@@ -77,6 +77,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # the he_normal run's 81.16%.
     c.model.kernel_init = "torch"
     c.eval_flip = True
+    c.label_smoothing = 0.1
     c.num_epochs = 30
     c.learning_rate = 0.01
     c.lr_boundaries = (1, 15, 21, 25, 28)
