@@ -1,5 +1,6 @@
 """A trained model from a workdir: config, label names, inference variables and preprocessing."""
 import dataclasses
+import functools
 import json
 import os
 
@@ -10,6 +11,8 @@ import numpy as np
 from mobilenet_jax import checkpoints, models, steps
 
 LABELS_FILE = "label_names.json"
+# Config fields added after a workdir may have been trained, with the values it was trained with.
+ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,11 @@ def load(workdir: str) -> Trained:
                             "`python run.py --workdir=...` trained in.")
   with open(config_path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
+  for path, value in ADDED_FIELDS.items():
+    *parents, name = path.split(".")
+    node = functools.reduce(getattr, parents, config)
+    if name not in node:
+      node[name] = value
   state = checkpoints.restore_trained(workdir, config)
   with open(os.path.join(workdir, LABELS_FILE), encoding="utf-8") as f:
     label_names = tuple(json.load(f))

@@ -118,15 +118,14 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
     raise ValueError(f"config.model.alpha={model_config.alpha}: must be > 0.")
   if model_config.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={model_config.dtype!r}: expected one of {list(DTYPES)}.")
-  kernel_init = model_config.get("kernel_init", "he_normal")  # Configs saved before the field.
-  if kernel_init not in KERNEL_INITS:
-    raise ValueError(f"config.model.kernel_init={kernel_init!r}: expected one of "
+  if model_config.kernel_init not in KERNEL_INITS:
+    raise ValueError(f"config.model.kernel_init={model_config.kernel_init!r}: expected one of "
                      f"{list(KERNEL_INITS)}.")
   if model_config.stem_stride not in (1, 2):
     raise ValueError(f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
   convolutions.resolve(model_config.conv)  # Validates the name early.
   return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
                      stem_stride=model_config.stem_stride, shallow=model_config.shallow,
-                     use_bias=model_config.use_bias, kernel_init=kernel_init,
+                     use_bias=model_config.use_bias, kernel_init=model_config.kernel_init,
                      conv_impl=model_config.conv,
                      dtype=DTYPES[model_config.dtype], axis_name=axis_name)

@@ -93,7 +93,7 @@ def eval_logits(apply_fn, variables, images, config):
   logits: test-time augmentation, cheap and in-distribution since training flips too.
   """
   x = input_pipeline.preprocess(images, config)
-  if not config.get("eval_flip", False):  # Configs saved before the flag: no flip.
+  if not config.eval_flip:
     return apply_fn(variables, x, train=False)
   both = apply_fn(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)
   return (both[:len(x)] + both[len(x):]) / 2

@@ -1,5 +1,6 @@
 """Deployment: TFLite export matches JAX, predict prints class names, eval mode, clear errors."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, SHARED_TFDS, run_mocked
-from mobilenet_jax import export, input_pipeline, models
+from mobilenet_jax import export, inference, input_pipeline, models
 
 MEAN, STD = (125.307, 122.95, 113.865), (62.9932, 62.0887, 66.7048)
 
@@ -32,8 +33,8 @@ def _interpret(tflite: bytes, pixels: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("stem,alpha", [(2, 1.0), (1, 0.5), (2, 0.5)])
 def test_tflite_float_logits_match_jax(stem, alpha):
   config = ml_collections.ConfigDict(dict(num_classes=10, alpha=alpha, stem_stride=stem,
-                                          shallow=False, use_bias=stem == 2, conv="auto",
-                                          dtype="float32"))
+                                          shallow=False, use_bias=stem == 2,
+                                          kernel_init="he_normal", conv="auto", dtype="float32"))
   model = models.create_model(config)
   pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(pixels)
@@ -55,6 +56,20 @@ def trained_workdir(tmp_path_factory):
                       "--config.progress_bar=False", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
+
+
+def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
+    trained_workdir, tmp_path):
+  old = tmp_path / "old"
+  shutil.copytree(trained_workdir, old)
+  config = json.loads((old / "config.json").read_text())
+  del config["eval_flip"], config["model"]["kernel_init"]
+  (old / "config.json").write_text(json.dumps(config))
+  trained = inference.load(str(old))
+  assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
+  images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  np.testing.assert_array_equal(inference.logits_fn(trained)(images),
+                                inference.logits_fn(inference.load(str(trained_workdir)))(images))
 
 
 def _predict(workdir, *paths):
@@ -131,7 +146,6 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path / "int8.tflite"
   export.export(str(tmp_path), "tflite", str(out), quantize="int8", calibration_examples=200)
-  from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
   trained = inference.load(str(tmp_path))
   images = input_pipeline.load(trained.config).test.images  # eval_examples=500
   jax_top1 = np.argmax(np.asarray(inference.logits_fn(trained)(jnp.asarray(images))), -1)
