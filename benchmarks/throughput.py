@@ -8,7 +8,9 @@ For each configuration it times, after warm-up, the median of several repetition
   on a batch already on device;
 - train loop: the training loop's own compiled step (gather from the device-resident
   dataset by the epoch's permutation, then the train step), as `train.py` runs it;
-- inference: the model in inference mode on a float32 batch.
+- inference: `steps.eval_logits` without test-time flips (normalization, then the model in
+  inference mode), as evaluation and prediction run it: in sub-batches of
+  `--inference-chunk` images (default: automatic, 32 on CPU).
 When torch is importable it runs ../shared/bench/torch_mobilenet.py for the same network in
 the same invocation (eager, and channels-last + torch.compile for inference) and prints ratios.
 """
@@ -91,14 +93,16 @@ def measure(args, stem, impl):
     jax.block_until_ready(loop_step())
     row["train_loop_img_s"] = _rate(loop_step, args.batch, args.steps, args.repeats)
 
-  # Inference.
+  # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips).
   variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
   if config.parallel == "pmap":
     variables = runner.get_state(holder["state"])
     variables = {"params": variables.params, "batch_stats": variables.batch_stats}
   infer_model = models.create_model(config.model)
-  infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
-  x = jax.random.normal(jax.random.key(2), (args.batch, 32, 32, 3))
+  config.inference_chunk = args.inference_chunk
+  infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))
+  row["inference_chunk"] = steps.inference_chunk(config)
+  x = batch["image"]
   row["infer_img_s"] = _rate(lambda: infer(variables, x), args.batch, args.steps * 4, args.repeats)
   return row
 
@@ -132,6 +136,8 @@ def main():
   p.add_argument("--alpha", type=float, default=1.0)
   p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
   p.add_argument("--conv", nargs="+", default=["auto"], choices=convolutions.IMPLEMENTATIONS)
+  p.add_argument("--inference-chunk", type=int, default=None,
+                 help="images per inference sub-batch (default: automatic, 32 on CPU; 0: none)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
   p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
@@ -164,7 +170,8 @@ def table(rows):
           ("compile s", "compile_s", "{:.1f}"), ("train step img/s", "train_step_img_s", "{:.0f}"),
           ("train loop img/s", "train_loop_img_s", "{:.0f}"),
           ("loop/step", "loop_vs_step", "{:.2f}"),
-          ("infer img/s", "infer_img_s", "{:.0f}"), ("torch train", "peer_train_img_s", "{:.0f}"),
+          ("infer chunk", "inference_chunk", "{}"), ("infer img/s", "infer_img_s", "{:.0f}"),
+          ("torch train", "peer_train_img_s", "{:.0f}"),
           ("torch infer eager", "peer_infer_eager_img_s", "{:.0f}"),
           ("torch infer compiled", "peer_infer_compiled_img_s", "{:.0f}"),
           ("train ratio", "train_ratio", "{:.2f}x"), ("infer ratio", "infer_ratio", "{:.2f}x")]

@@ -12,7 +12,7 @@ from mobilenet_jax import checkpoints, models, steps
 
 LABELS_FILE = "label_names.json"
 # Config fields added after a workdir may have been trained, with the values it was trained with.
-ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal"}
+ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None}
 
 
 @dataclasses.dataclass(frozen=True)

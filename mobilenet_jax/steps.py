@@ -86,6 +86,38 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   return state, metrics
 
 
+# Images per inference sub-batch on CPU: each layer's activations for 32 images fit in cache,
+# while a whole batch's (128 x 32 x 32 x 64 floats = 32 MiB) make every pass go to memory;
+# the stride-1 layout infers ~1.4x faster, the stride-2 one ~1.5x (README, Speed).
+CPU_INFERENCE_CHUNK = 32
+
+
+def inference_chunk(config, backend: str | None = None) -> int:
+  """`config.inference_chunk`, with None (auto) resolved: 32 on CPU, 0 (whole batch) elsewhere."""
+  chunk = config.inference_chunk
+  if chunk is None:
+    return CPU_INFERENCE_CHUNK if (backend or jax.default_backend()) == "cpu" else 0
+  if chunk < 0:
+    raise ValueError(f"config.inference_chunk={chunk}: expected a number of images >= 1, "
+                     "0 (the whole batch at once) or None (automatic).")
+  return chunk
+
+
+def in_chunks(fn, x, chunk: int):
+  """`fn(x)` for a per-example `fn`, computed on sub-batches of `chunk` rows of `x` in turn.
+
+  Sub-batch j holds rows j, j + n, j + 2n, ... (n sub-batches), so that a batch sharded
+  in contiguous blocks over devices stays sharded the same way within each sub-batch.
+  """
+  size = x.shape[0]
+  if not chunk or size <= chunk:
+    return fn(x)
+  n = -(-size // chunk)
+  x = jnp.pad(x, [(0, n * chunk - size)] + [(0, 0)] * (x.ndim - 1))
+  ys = jax.lax.map(fn, jnp.swapaxes(x.reshape(chunk, n, *x.shape[1:]), 0, 1))
+  return jnp.swapaxes(ys, 0, 1).reshape(n * chunk, *ys.shape[2:])[:size]
+
+
 def eval_logits(apply_fn, variables, images, config):
   """Inference-mode logits of uint8 images, as evaluation and prediction compute them.
 
@@ -93,10 +125,12 @@ def eval_logits(apply_fn, variables, images, config):
   logits: test-time augmentation, cheap and in-distribution since training flips too.
   """
   x = input_pipeline.preprocess(images, config)
+  if config.eval_flip:
+    x = jnp.concatenate([x, x[:, :, ::-1]])
+  logits = in_chunks(lambda x: apply_fn(variables, x, train=False), x, inference_chunk(config))
   if not config.eval_flip:
-    return apply_fn(variables, x, train=False)
-  both = apply_fn(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)
-  return (both[:len(x)] + both[len(x):]) / 2
+    return logits
+  return (logits[:len(images)] + logits[len(images):]) / 2
 
 
 def eval_step(state: TrainState, images, labels, mask, config):

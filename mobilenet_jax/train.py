@@ -43,6 +43,7 @@ def check_config(config, workdir: str) -> None:
   for name in ("eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
     require(config[name] >= 1, f"config.{name}={config[name]}: must be >= 1.")
   input_pipeline.check_config(config, jax.device_count())
+  steps.inference_chunk(config)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, ".write_test")

@@ -1,8 +1,13 @@
 """Data parallelism: jit over an 8-device mesh and pmap equal one device with the same global batch.
 
+Evaluation runs in sub-batches of 8 images (2 per 16-image batch), so the test also
+checks that chunked inference gives the same metrics on a sharded batch.
+
 Each run is a separate process (`run.py` on mock data), since the number of
 simulated CPU devices is fixed when JAX starts.
 """
+import json
+
 import numpy as np
 
 from conftest import run_mocked
@@ -20,7 +25,8 @@ WELL_CONDITIONED = ["--config.model.shallow=True", "--config.image_size=32",
 
 def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   common = ["--config=configs/cifar.py:smoke", "--config.download=False", "--config.num_epochs=1",
-            "--config.train_examples=48", "--config.progress_bar=False", *WELL_CONDITIONED]
+            "--config.train_examples=48", "--config.progress_bar=False", "--config.inference_chunk=8",
+            *WELL_CONDITIONED]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
   for name, (env, mode) in runs.items():
     result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}",
@@ -30,6 +36,10 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   config = cifar.get_config("smoke")
   config.model.update(shallow=True, stem_stride=1)
   config.image_size = 32
+  results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in runs}
+  for name in ("jit8", "pmap8"):
+    assert results[name]["test_examples"] == results["one"]["test_examples"] == 40
+    np.testing.assert_allclose(results[name]["test_loss"], results["one"]["test_loss"], rtol=RTOL)
   ref, ref_step = _final_params(tmp_path / "one", config)
   assert ref_step == 3
   for name in ("jit8", "pmap8"):

@@ -52,6 +52,40 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config
   assert np.abs(averaged - plain).max() > 0.05 * scale  # Not a no-op: the net is not symmetric.
 
 
+def test_in_chunks_keeps_row_order_and_pads_a_partial_last_chunk():
+  x = jnp.arange(13 * 2, dtype=jnp.float32).reshape(13, 2)
+  calls = []
+  def per_row(chunk):
+    calls.append(chunk.shape)
+    return chunk * 10 + 1
+  np.testing.assert_array_equal(steps.in_chunks(per_row, x, 4), x * 10 + 1)
+  assert calls == [(4, 2)]  # Traced once by lax.map: 4 chunks of 4 rows (3 rows of padding).
+  np.testing.assert_array_equal(steps.in_chunks(per_row, x, 0), x * 10 + 1)
+  assert calls[-1] == (13, 2)
+
+
+def test_chunked_inference_equals_whole_batch_inference(smoke_config):
+  state, images = _state(smoke_config), _batch(smoke_config, n=23)["image"]
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  smoke_config.eval_flip = True  # 46 rows: chunks of 5, the last one padded.
+  logits = {}
+  for chunk in (0, 5):
+    smoke_config.inference_chunk = chunk
+    logits[chunk] = jax.jit(lambda x: steps.eval_logits(state.apply_fn, variables, x,
+                                                        smoke_config))(images)
+  assert logits[0].shape == (23, 10)
+  scale = float(np.abs(logits[0]).max())
+  np.testing.assert_allclose(logits[5], logits[0], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_inference_chunk_is_automatic_per_backend(smoke_config):
+  assert smoke_config.inference_chunk is None
+  assert steps.inference_chunk(smoke_config, "cpu") == steps.CPU_INFERENCE_CHUNK
+  assert steps.inference_chunk(smoke_config, "gpu") == 0
+  smoke_config.inference_chunk = 8
+  assert steps.inference_chunk(smoke_config, "gpu") == 8
+
+
 def test_batchnorm_statistics_update_in_train_mode(smoke_config):
   state = _state(smoke_config)
   step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), smoke_config))
@@ -96,7 +130,8 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
     ("parallel", "vmap", "config.parallel='vmap'"),
     ("lr_boundaries", (20, 10), "strictly increasing"),
     ("lr_decay", (0.1,), "same length"),
-    ("label_smoothing", 1.0, "config.label_smoothing=1.0")])
+    ("label_smoothing", 1.0, "config.label_smoothing=1.0"),
+    ("inference_chunk", -1, "config.inference_chunk=-1")])
 def test_bad_config_is_rejected_before_training(smoke_config, tmp_path, field, value, match):
   smoke_config[field] = value
   with pytest.raises(ValueError, match=match):
