@@ -80,12 +80,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # (81.62% against 81.16%). Test-time flips add 1.0-1.6 points, label smoothing 0.1 another 0.5.
     c.model.kernel_init = "torch"
     c.model.shallow = True
-    c.model.alpha = 0.75
     c.eval_flip = True
     c.label_smoothing = 0.1
-    c.num_epochs = 47
+    c.num_epochs = 38
     c.learning_rate = 0.01
-    c.lr_boundaries = (1, 23, 33, 39, 43)
+    c.lr_boundaries = (1, 19, 27, 32, 35)
     c.lr_decay = (5.0, 0.4, 0.4, 0.3, 0.3)  # 0.05, 0.02, 0.008, 0.0024, 0.00072
     c.weight_decay = 5e-4
   elif preset == "smoke":
