@@ -63,10 +63,11 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
   old = tmp_path / "old"
   shutil.copytree(trained_workdir, old)
   config = json.loads((old / "config.json").read_text())
-  del config["eval_flip"], config["model"]["kernel_init"]
+  del config["eval_flip"], config["model"]["kernel_init"], config["inference_chunk"]
   (old / "config.json").write_text(json.dumps(config))
   trained = inference.load(str(old))
   assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
+  assert trained.config.inference_chunk is None
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
   np.testing.assert_array_equal(inference.logits_fn(trained)(images),
                                 inference.logits_fn(inference.load(str(trained_workdir)))(images))
