@@ -83,9 +83,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.eval_flip = True
     c.label_smoothing = 0.1
     c.num_epochs = 38
-    c.learning_rate = 0.01
+    c.learning_rate = 0.016
     c.lr_boundaries = (1, 19, 27, 32, 35)
-    c.lr_decay = (5.0, 0.4, 0.4, 0.3, 0.3)  # 0.05, 0.02, 0.008, 0.0024, 0.00072
+    c.lr_decay = (5.0, 0.4, 0.4, 0.3, 0.3)  # 0.08, 0.032, 0.0128, 0.00384, 0.00115
     c.weight_decay = 5e-4
   elif preset == "smoke":
     c.num_epochs = 2
