@@ -124,7 +124,7 @@ def _assert_same(results):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("size,strides", [(8, 1), (8, 2), (7, 1), (7, 2), (9, 2)])
+@pytest.mark.parametrize("size,strides", [(8, 1), (8, 2), (7, 1), (7, 2), (9, 2), (2, 2), (1, 1)])
 def test_shifted_depthwise_matches_grouped_conv_outputs_and_gradients(size, strides):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
   make = lambda impl: models.ConvBNReLU(6, 3, *_layers(impl), strides=strides, groups=6)
