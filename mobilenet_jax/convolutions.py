@@ -16,6 +16,9 @@ Both functions here have `lax.conv_general_dilated`'s signature and are handed t
 `nn.Conv(conv_general_dilated=...)`, so every implementation keeps the very same
 parameters (e.g. depthwise kernels `(3, 3, 1, C)`): checkpoints do not depend on it.
 """
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -23,18 +26,23 @@ from jax import lax
 IMPLEMENTATIONS = ("auto", "lax", "shifted")
 
 
+def _pads_and_out_sizes(hw, kernel_hw, strides, padding):
+  """`padding` ('SAME', 'VALID' or explicit pairs) as pairs, and the output's (height, width)."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(hw, kernel_hw, strides, padding)
+  out_sizes = tuple((size + sum(pad) - k) // s + 1
+                    for size, pad, k, s in zip(hw, padding, kernel_hw, strides))
+  return padding, out_sizes
+
+
 def _shifted_slices(x, kernel_hw, strides, padding):
   """Yields ((i, j), x_pad[:, i::sh, j::sw, :]) for each kernel tap, each of output size."""
-  kh, kw = kernel_hw
-  sh, sw = strides
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], kernel_hw, strides, padding)
-  (pt, pb), (pl, pr) = padding
   n, h, w, c = x.shape
-  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  sh, sw = strides
+  ((pt, pb), (pl, pr)), (ho, wo) = _pads_and_out_sizes((h, w), kernel_hw, strides, padding)
   x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  for i in range(kh):
-    for j in range(kw):
+  for i in range(kernel_hw[0]):
+    for j in range(kernel_hw[1]):
       yield (i, j), lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
                               (1, sh, sw, 1))
 
@@ -80,10 +88,7 @@ def _tap_windows(x, kernel_hw, strides, padding):
   less per depthwise conv than padding first.
   """
   n, h, w, c = x.shape
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads((h, w), kernel_hw, strides, padding)
-  out_sizes = [(size + sum(pad) - k) // s + 1
-               for size, pad, k, s in zip((h, w), padding, kernel_hw, strides)]
+  padding, out_sizes = _pads_and_out_sizes((h, w), kernel_hw, strides, padding)
 
   def valid(size, out, tap, stride, pad_before):  # First input index, output range [lo, hi).
     lo = max(0, -((tap - pad_before) // stride))
@@ -106,11 +111,9 @@ def _tap_windows(x, kernel_hw, strides, padding):
 
 def _sum_of_taps(x, kernel, strides, padding):
   """Depthwise conv (kernel `(kh, kw, 1, C)`) as the sum over taps of slice * kernel[i, j, 0]."""
-  out = None
-  for (i, j), tap in _shifted_slices(x, kernel.shape[:2], strides, padding):
-    term = tap * kernel[i, j, 0]
-    out = term if out is None else out + term
-  return out
+  return functools.reduce(operator.add, (
+      tap * kernel[i, j, 0]
+      for (i, j), tap in _shifted_slices(x, kernel.shape[:2], strides, padding)))
 
 
 def _sum_of_windows(x, kernel, strides, padding):
@@ -120,11 +123,9 @@ def _sum_of_windows(x, kernel, strides, padding):
   its padded copy, whereas here it would be recomputed for each of the nine taps.
   """
   zero = jnp.zeros((), x.dtype)
-  out = None
-  for (i, j), window, pads in _tap_windows(x, kernel.shape[:2], strides, padding):
-    term = lax.pad(window * kernel[i, j, 0], zero, pads)
-    out = term if out is None else out + term
-  return out
+  return functools.reduce(operator.add, (
+      lax.pad(window * kernel[i, j, 0], zero, pads)
+      for (i, j), window, pads in _tap_windows(x, kernel.shape[:2], strides, padding)))
 
 
 depthwise = jax.custom_vjp(_sum_of_taps, nondiff_argnums=(2, 3))
