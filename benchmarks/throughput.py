@@ -13,6 +13,10 @@ For each configuration it times, after warm-up, the median of several repetition
   `--inference-chunk` images (default: automatic, 32 on CPU).
 When torch is importable it runs ../shared/bench/torch_mobilenet.py for the same network in
 the same invocation (eager, and channels-last + torch.compile for inference) and prints ratios.
+
+`--free-depthwise` replaces each depthwise conv by its centre tap (`x * w[1, 1]`, same shapes
+and strides, forward and backward by autodiff): what the step would cost if the depthwise conv
+took no time, the most a faster depthwise kernel could gain.
 """
 import argparse
 import json
@@ -49,6 +53,13 @@ def _rate(fn, batch, steps_per_rep, repeats):
   return statistics.median(rates)
 
 
+def _centre_tap(x, kernel, strides, padding):
+  """The depthwise conv's centre tap alone: its output shape at a fraction of its cost."""
+  del padding  # Its cost is what matters here, not its alignment.
+  kh, kw = kernel.shape[:2]
+  return x[:, ::strides[0], ::strides[1]] * kernel[kh // 2, kw // 2, 0]
+
+
 def measure(args, stem, impl):
   config = cifar.get_config()
   config.batch_size = args.batch
@@ -66,6 +77,8 @@ def measure(args, stem, impl):
   row = {"impl": "jax", "conv": convolutions.resolve(impl), "stem_stride": stem,
          "batch": args.batch, "alpha": args.alpha, "dtype": args.dtype,
          "backend": jax.default_backend(), "devices": jax.device_count()}
+  if args.free_depthwise:
+    row["conv"] += " (free depthwise)"
 
   # The bare train step on one fixed device batch.
   batch = {"image": jnp.asarray(split.images[:args.batch]),
@@ -143,7 +156,14 @@ def main():
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
   p.add_argument("--no-compile", action="store_true", help="skip the peer's torch.compile run")
   p.add_argument("--json", action="store_true", help="one JSON line per configuration")
+  p.add_argument("--free-depthwise", action="store_true",
+                 help="replace the depthwise conv by its centre tap (an upper bound, see above)")
   args = p.parse_args()
+  if args.free_depthwise:
+    if any(convolutions.resolve(impl) != "shifted" for impl in args.conv):
+      p.error("--free-depthwise replaces the shifted depthwise conv: use it with --conv shifted "
+              "(or auto on CPU).")
+    convolutions.depthwise = _centre_tap
 
   rows = []
   for stem in args.stem:
