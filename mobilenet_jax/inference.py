@@ -12,7 +12,8 @@ from mobilenet_jax import checkpoints, models, steps
 
 LABELS_FILE = "label_names.json"
 # Config fields added after a workdir may have been trained, with the values it was trained with.
-ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None}
+ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None,
+                "eval_shift": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,4 +72,4 @@ def read_image(path: str) -> np.ndarray:
 def logits_fn(trained: Trained):
   """A jitted function: uint8 images (n, h, w, 3) of any size -> logits, computed as in eval."""
   return jax.jit(lambda images: steps.eval_logits(trained.model.apply, trained.variables, images,
-                                                  trained.config))
+                                                  trained.config, trained.config.eval_shift))

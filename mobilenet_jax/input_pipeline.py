@@ -153,6 +153,12 @@ def augment(images, draws, mode: str, padding: int):
   return images
 
 
+def translate(images, dy: int, dx: int):
+  """Shifts images down by dy and right by dx pixels (negative: up, left), with zero fill."""
+  return jax.lax.pad(images, jnp.zeros((), images.dtype),
+                     [(0, 0, 0), (dy, -dy, 0), (dx, -dx, 0), (0, 0, 0)])
+
+
 def resize(images, size: int):
   """The paper's resolution multiplier: bilinear resize to `size` x `size` (no-op if equal)."""
   n, h, w, c = images.shape

@@ -38,9 +38,10 @@ class _Runner:
     idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
     return {"image": data["image"][idx], "label": data["label"][idx]}
 
-  def _evaluate(self, state, images, labels, mask):
+  def _evaluate(self, state, images, labels, mask, shift=0):
+    """Metric sums over the eval batches; `shift`: test-time translations (`steps.eval_logits`)."""
     def body(total, batch):
-      metrics = steps.eval_step(state, *batch, self.config)
+      metrics = steps.eval_step(state, *batch, self.config, shift)
       return jax.tree.map(jnp.add, total, metrics), None
     zeros = {"loss": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
     return jax.lax.scan(body, zeros, (images, labels, mask))[0]
@@ -64,7 +65,7 @@ class JitRunner(_Runner):
 
     self.train = jax.jit(train, donate_argnums=0)
     self.shuffle = jax.jit(lambda state: self._permutation(state.step))
-    self.evaluate = jax.jit(self._evaluate)
+    self.evaluate = jax.jit(self._evaluate, static_argnames="shift")
 
   def _put(self, x, sharding):
     x = np.asarray(x)
@@ -104,13 +105,16 @@ class PmapRunner(_Runner):
       rng = jax.random.fold_in(self.augment_rng, state.step)
       return steps.train_step(state, batch, rng, config, axis_name=AXIS)
 
-    def evaluate(state, images, labels, mask):
+    def evaluate(state, images, labels, mask, shift):
       shard = lambda a: jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(AXIS) * local, local, 1)
-      return jax.lax.psum(self._evaluate(state, shard(images), shard(labels), shard(mask)), AXIS)
+      return jax.lax.psum(
+          self._evaluate(state, shard(images), shard(labels), shard(mask), shift), AXIS)
 
     self.train = jax.pmap(train, axis_name=AXIS, donate_argnums=0)
     self.shuffle = jax.pmap(lambda state: self._permutation(state.step), axis_name=AXIS)
-    self.evaluate = jax.pmap(evaluate, axis_name=AXIS)
+    evaluate = jax.pmap(evaluate, axis_name=AXIS, static_broadcasted_argnums=4)
+    self.evaluate = lambda state, images, labels, mask, shift=0: evaluate(
+        state, images, labels, mask, shift)
 
   def _replicate(self, tree):
     """A copy per device, stacked along a leading device axis, as pmap takes its inputs."""

@@ -118,23 +118,27 @@ def in_chunks(fn, x, chunk: int):
   return jnp.swapaxes(ys, 0, 1).reshape(n * chunk, *ys.shape[2:])[:size]
 
 
-def eval_logits(apply_fn, variables, images, config):
+def eval_logits(apply_fn, variables, images, config, shift: int = 0):
   """Inference-mode logits of uint8 images, as evaluation and prediction compute them.
 
-  With `config.eval_flip` they are the mean of each image's and its mirror image's
-  logits: test-time augmentation, cheap and in-distribution since training flips too.
+  They are the mean logits over test-time views, run through the model as one batch: with
+  `config.eval_flip`, each image and its mirror image; with `shift` > 0, each of those also
+  translated by -shift, 0 and +shift pixels along each axis (a 3x3 grid, zero fill).
+  Cheap test-time augmentation that stays in distribution, since training flips and
+  translates too.
   """
   x = input_pipeline.preprocess(images, config)
-  if config.eval_flip:
-    x = jnp.concatenate([x, x[:, :, ::-1]])
-  logits = in_chunks(lambda x: apply_fn(variables, x, train=False), x, inference_chunk(config))
-  if not config.eval_flip:
-    return logits
-  return (logits[:len(images)] + logits[len(images):]) / 2
+  views = [x, x[:, :, ::-1]] if config.eval_flip else [x]
+  if shift:
+    offsets = (-shift, 0, shift)
+    views = [input_pipeline.translate(v, dy, dx) for v in views for dy in offsets for dx in offsets]
+  logits = in_chunks(lambda x: apply_fn(variables, x, train=False), jnp.concatenate(views),
+                     inference_chunk(config))
+  return logits.reshape(len(views), len(images), -1).mean(0)
 
 
-def eval_step(state: TrainState, images, labels, mask, config):
+def eval_step(state: TrainState, images, labels, mask, config, shift: int = 0):
   """Metric sums over one (padded) batch, with BatchNorm in inference mode."""
   logits = eval_logits(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                       images, config)
+                       images, config, shift)
   return _metrics(logits, labels, mask)

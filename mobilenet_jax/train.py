@@ -31,6 +31,9 @@ def check_config(config, workdir: str) -> None:
   require(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay}: must be >= 0.")
   require(0 <= config.label_smoothing < 1,
           f"config.label_smoothing={config.label_smoothing}: must be in [0, 1).")
+  require(0 <= config.eval_shift < config.image_size,
+          f"config.eval_shift={config.eval_shift}: test-time translations need a number of "
+          f"pixels in [0, image_size={config.image_size}); 0 turns them off.")
   require(config.parallel in parallel.PARALLEL_MODES,
           f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}.")
   bounds = list(config.lr_boundaries)
@@ -161,8 +164,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if logger:
       logger.close()
 
-  if test is None:  # Resumed after the last epoch: evaluate the restored state.
-    test = _sum(runner.metrics(runner.evaluate(state, *eval_data)))
+  if test is None or config.eval_shift:
+    # Resumed after the last epoch, or the final evaluation adds test-time translations
+    # (too costly for every epoch's).
+    test = _sum(runner.metrics(runner.evaluate(state, *eval_data, shift=config.eval_shift)))
   results = {**_test_results(test),
              "epochs": config.num_epochs,
              "params": summary.params,
@@ -184,7 +189,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   data = _load(config)
   runner = parallel.create_runner(config, len(data.train.labels))
   test = _sum(runner.metrics(runner.evaluate(runner.put_state(state),
-                                             *runner.put_eval_data(data.test))))
+                                             *runner.put_eval_data(data.test),
+                                             shift=config.eval_shift)))
   results = {**_test_results(test), "step": int(state.step)}
   print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} on "
         f"{results['test_examples']} examples (loss {results['test_loss']:.4f})", flush=True)

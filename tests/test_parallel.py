@@ -1,7 +1,8 @@
 """Data parallelism: jit over an 8-device mesh and pmap equal one device with the same global batch.
 
-Evaluation runs in sub-batches of 8 images (2 per 16-image batch), so the test also
-checks that chunked inference gives the same metrics on a sharded batch.
+Evaluation runs in sub-batches of 8 images (2 per 16-image batch), and the final one with
+test-time flips and translations, so the test also checks that chunked inference over
+stacked views gives the same metrics on a sharded batch.
 
 Each run is a separate process (`run.py` on mock data), since the number of
 simulated CPU devices is fixed when JAX starts.
@@ -26,7 +27,7 @@ WELL_CONDITIONED = ["--config.model.shallow=True", "--config.image_size=32",
 def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   common = ["--config=configs/cifar.py:smoke", "--config.download=False", "--config.num_epochs=1",
             "--config.train_examples=48", "--config.progress_bar=False", "--config.inference_chunk=8",
-            *WELL_CONDITIONED]
+            "--config.eval_flip=True", "--config.eval_shift=2", *WELL_CONDITIONED]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
   for name, (env, mode) in runs.items():
     result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}",

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from conftest import ROOT, run_mocked
-from mobilenet_jax import checkpoints, metric_logging, models, steps, train
+from mobilenet_jax import checkpoints, input_pipeline, metric_logging, models, steps, train
 
 
 def _state(config, steps_per_epoch=4):
@@ -50,6 +50,43 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config
   np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-4, atol=1e-4 * scale)
   np.testing.assert_allclose(logits(images[:, :, ::-1]), averaged, rtol=1e-4, atol=1e-4 * scale)
   assert np.abs(averaged - plain).max() > 0.05 * scale  # Not a no-op: the net is not symmetric.
+
+
+def test_eval_shift_averages_a_3x3_grid_of_translations_of_each_view(smoke_config):
+  state, images = _state(smoke_config), _batch(smoke_config, n=5)["image"]
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  smoke_config.eval_flip = True
+  x = input_pipeline.preprocess(images, smoke_config)
+  views = [np.roll(np.pad(v, ((0, 0), (2, 2), (2, 2), (0, 0))), (dy, dx), (1, 2))[:, 2:-2, 2:-2]
+           for v in (x, x[:, :, ::-1]) for dy in (-2, 0, 2) for dx in (-2, 0, 2)]
+  expected = np.mean([state.apply_fn(variables, v, train=False) for v in views], axis=0)
+  shifted = steps.eval_logits(state.apply_fn, variables, images, smoke_config, shift=2)
+  scale = float(np.abs(expected).max())
+  np.testing.assert_allclose(shifted, expected, rtol=1e-4, atol=1e-4 * scale)
+  flipped_only = steps.eval_logits(state.apply_fn, variables, images, smoke_config)
+  assert np.abs(shifted - flipped_only).max() > 0.05 * scale  # The translations do count.
+
+
+def test_translate_shifts_with_zero_fill():
+  x = jnp.arange(1, 17, dtype=jnp.float32).reshape(1, 4, 4, 1)
+  moved = np.asarray(input_pipeline.translate(x, 1, -2))[0, :, :, 0]
+  np.testing.assert_array_equal(moved, [[0, 0, 0, 0], [3, 4, 0, 0], [7, 8, 0, 0], [11, 12, 0, 0]])
+
+
+def test_final_evaluation_adds_the_translations_and_per_epoch_ones_do_not(
+    mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  smoke_config.update(num_epochs=1, eval_flip=True, eval_shift=2)
+  results = train.train_and_evaluate(smoke_config, str(tmp_path))
+  per_epoch = metric_logging.read_metrics(str(tmp_path))[-1]
+  final = train.evaluate_checkpoint(smoke_config, str(tmp_path))
+  assert final["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+  assert final["test_accuracy"] == results["test_accuracy"] and results["test_examples"] == 40
+  smoke_config.eval_shift = 0
+  unshifted = train.evaluate_checkpoint(smoke_config, str(tmp_path))
+  assert unshifted["test_loss"] == pytest.approx(per_epoch["test_loss"], rel=1e-6)
+  # Near-uniform logits after one smoke epoch: the views differ by little, but 10x the tolerance.
+  assert abs(unshifted["test_loss"] - results["test_loss"]) > 1e-5 * results["test_loss"]
 
 
 def test_in_chunks_keeps_row_order_and_pads_a_partial_last_chunk():
@@ -131,7 +168,9 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
     ("lr_boundaries", (20, 10), "strictly increasing"),
     ("lr_decay", (0.1,), "same length"),
     ("label_smoothing", 1.0, "config.label_smoothing=1.0"),
-    ("inference_chunk", -1, "config.inference_chunk=-1")])
+    ("inference_chunk", -1, "config.inference_chunk=-1"),
+    ("eval_shift", -1, "config.eval_shift=-1"),
+    ("eval_shift", 16, "in \\[0, image_size=16\\)")])
 def test_bad_config_is_rejected_before_training(smoke_config, tmp_path, field, value, match):
   smoke_config[field] = value
   with pytest.raises(ValueError, match=match):
