@@ -64,10 +64,11 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
   shutil.copytree(trained_workdir, old)
   config = json.loads((old / "config.json").read_text())
   del config["eval_flip"], config["model"]["kernel_init"], config["inference_chunk"]
+  del config["eval_shift"]
   (old / "config.json").write_text(json.dumps(config))
   trained = inference.load(str(old))
   assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
-  assert trained.config.inference_chunk is None
+  assert trained.config.inference_chunk is None and trained.config.eval_shift == 0
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
   np.testing.assert_array_equal(inference.logits_fn(trained)(images),
                                 inference.logits_fn(inference.load(str(trained_workdir)))(images))
@@ -141,7 +142,8 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
           "--config.lr_decay=(5.0, 0.1)", "--config.model.stem_stride=2",
           "--config.model.alpha=0.5", "--config.model.use_bias=False",
           "--config.eval_examples=500", "--config.progress_bar=False", f"--workdir={tmp_path}",
-          "--config.eval_flip=False"]  # The export is the plain model: compare it with the same.
+          # The export is the plain model: compare it with the same, without test-time views.
+          "--config.eval_flip=False", "--config.eval_shift=0"]
   result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True,
                           text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
