@@ -54,6 +54,10 @@ def check_config(config, num_devices: int) -> None:
         f"config.batch_size={config.batch_size} must be a positive multiple of the "
         f"{num_devices} devices; use e.g. --config.batch_size="
         f"{max(1, round(config.batch_size / num_devices)) * num_devices}.")
+  if config.alternate_flips and "flip" not in config.augment:
+    raise ValueError(f"config.alternate_flips=True with config.augment={config.augment!r}: "
+                     "there are no flips to alternate; use --config.augment=crop+flip (or flip), "
+                     "or --config.alternate_flips=False.")
   if len(config.mean) != len(config.std) or min(config.std) <= 0:
     raise ValueError(f"config.mean={config.mean} / config.std={config.std}: need one mean and "
                      "one positive std per image channel.")
@@ -139,6 +143,18 @@ def augmentation_draws(rng, num_images: int, padding: int):
   shift_rng, flip_rng = jax.random.split(rng)
   return {"shift": jax.random.randint(shift_rng, (num_images, 2), 0, 2 * padding + 1),
           "flip": jax.random.bernoulli(flip_rng, 0.5, (num_images,))}
+
+
+def alternating_flips(rng, indices, epoch):
+  """Flip decisions that alternate per example: example i is mirrored in every other epoch.
+
+  Its first flip is a coin toss from `rng` (the same whole run), then the decision inverts each
+  epoch, so over any two epochs every image is seen both ways; random flips repeat a view
+  half the time. Jordan (2024, "94% on CIFAR-10 in 3.29 seconds") found it better than random
+  flips wherever flipping helps at all.
+  """
+  phase = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i)))(indices)
+  return phase ^ (epoch % 2 == 1)
 
 
 def augment(images, draws, mode: str, padding: int):

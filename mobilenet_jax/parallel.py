@@ -28,6 +28,9 @@ class _Runner:
     self.num_train = num_train
     self.steps_per_epoch = num_train // config.batch_size
     self.shuffle_rng, self.augment_rng = jax.random.split(jax.random.key(config.seed + 1))
+    # Per-example flip phases (config.alternate_flips); augment_rng itself is only ever folded
+    # with step numbers.
+    self.flip_rng = jax.random.split(self.augment_rng)[0]
 
   def _permutation(self, step):
     return input_pipeline.epoch_permutation(
@@ -36,7 +39,11 @@ class _Runner:
   def _gather(self, state, data, perm, offset, size):
     start = (state.step % self.steps_per_epoch) * self.config.batch_size + offset
     idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
-    return {"image": data["image"][idx], "label": data["label"][idx]}
+    batch = {"image": data["image"][idx], "label": data["label"][idx]}
+    if self.config.alternate_flips:
+      batch["flip"] = input_pipeline.alternating_flips(
+          self.flip_rng, idx, state.step // self.steps_per_epoch)
+    return batch
 
   def _evaluate(self, state, images, labels, mask, shift=0):
     """Metric sums over the eval batches; `shift`: test-time translations (`steps.eval_logits`)."""

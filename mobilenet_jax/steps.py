@@ -63,12 +63,18 @@ def _metrics(logits, labels, mask=None):
 
 
 def train_step(state: TrainState, batch, rng, config, axis_name: str | None = None):
-  """One SGD step on `batch` ({'image': uint8 NHWC, 'label': int32}); returns (state, metrics)."""
+  """One SGD step on `batch`; returns (state, metrics).
+
+  `batch`: {'image': uint8 NHWC, 'label': int32}, and optionally 'flip' (bool per image),
+  flip decisions that replace the random ones (`input_pipeline.alternating_flips`).
+  """
   local = batch["label"].shape[0]
   draws = input_pipeline.augmentation_draws(rng, config.batch_size, config.crop_padding)
   if axis_name is not None:  # This device's slice of the global batch's draws.
     start = jax.lax.axis_index(axis_name) * local
     draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, start, local), draws)
+  if "flip" in batch:
+    draws["flip"] = batch["flip"]
   images = input_pipeline.preprocess(batch["image"], config, draws)
 
   def loss_fn(params):

@@ -80,6 +80,18 @@ def test_flip_rate_is_about_one_half_and_shifts_cover_the_range():
   assert set(np.unique(draws["shift"]).tolist()) == set(range(9))
 
 
+def test_alternating_flips_invert_each_epoch_from_a_random_phase_per_example():
+  rng, idx = jax.random.key(0), jnp.arange(20_000)
+  first, second, third = (np.asarray(input_pipeline.alternating_flips(rng, idx, e))
+                          for e in (0, 1, 2))
+  np.testing.assert_array_equal(second, ~first)
+  np.testing.assert_array_equal(third, first)
+  assert abs(first.mean() - 0.5) < 0.015
+  # A property of the example, not of its place in the batch.
+  order = jax.random.permutation(jax.random.key(1), 20_000)
+  np.testing.assert_array_equal(input_pipeline.alternating_flips(rng, order, 5), second[order])
+
+
 def test_epoch_permutations_are_permutations_that_change_per_epoch():
   rng = jax.random.key(0)
   p0, p1 = (np.asarray(input_pipeline.epoch_permutation(rng, e, 1000)) for e in (0, 1))
@@ -104,11 +116,13 @@ def test_eval_batches_cover_every_example_exactly_once(n, batch):
   assert mask.sum() == n
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("augment", "rotate", "config.augment"), ("image_size", 7, "config.image_size"),
-    ("batch_size", 12, "config.batch_size=12 must be a positive multiple of the 8 devices")])
-def test_bad_data_config_is_rejected(smoke_config, field, value, match):
-  smoke_config[field] = value
+@pytest.mark.parametrize("overrides,match", [
+    ({"augment": "rotate"}, "config.augment"), ({"image_size": 7}, "config.image_size"),
+    ({"batch_size": 12}, "config.batch_size=12 must be a positive multiple of the 8 devices"),
+    ({"augment": "crop", "alternate_flips": True},
+     "config.alternate_flips=True with config.augment='crop': there are no flips")])
+def test_bad_data_config_is_rejected(smoke_config, overrides, match):
+  smoke_config.update(overrides)
   with pytest.raises(ValueError, match=match):
     input_pipeline.check_config(smoke_config, num_devices=8)
 

@@ -39,6 +39,18 @@ def test_train_and_eval_step_and_loss_decreases_on_a_fixed_batch(smoke_config):
   assert float(sums["count"]) == 16 and 0 <= float(sums["correct"]) <= 16
 
 
+def test_flip_decisions_in_the_batch_replace_the_random_ones(smoke_config):
+  smoke_config.augment = "flip"
+  state, batch = _state(smoke_config), _batch(smoke_config)
+  step = jax.jit(lambda b: steps.train_step(state, b, jax.random.key(0), smoke_config))
+  flipped = step({**batch, "flip": jnp.ones(16, bool)})
+  mirrored = step({**batch, "image": batch["image"][:, :, ::-1], "flip": jnp.zeros(16, bool)})
+  random = step(batch)
+  for x, y, z in zip(jax.tree.leaves(flipped), jax.tree.leaves(mirrored), jax.tree.leaves(random)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(flipped[1]["loss"], random[1]["loss"], rtol=1e-6)
+
+
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config):
   state, images = _state(smoke_config), _batch(smoke_config)["image"]
   logits = lambda x: steps.eval_logits(
@@ -211,7 +223,7 @@ def test_determinism_same_seed_same_params(mock_tfds, smoke_config, tmp_path):
 def test_resume_after_process_exit_equals_a_straight_run(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   common = ["--config=configs/cifar.py:smoke", "--config.download=False",
-            "--config.progress_bar=False"]
+            "--config.progress_bar=False", "--config.alternate_flips=True"]
   for workdir, epochs in [(straight, 2), (resumed, 1), (resumed, 2)]:
     result = run_mocked(*common, f"--workdir={workdir}", f"--config.num_epochs={epochs}")
     assert result.returncode == 0, result.stderr[-3000:]
