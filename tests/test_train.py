@@ -46,7 +46,7 @@ def test_flip_decisions_in_the_batch_replace_the_random_ones(smoke_config):
   flipped = step({**batch, "flip": jnp.ones(16, bool)})
   mirrored = step({**batch, "image": batch["image"][:, :, ::-1], "flip": jnp.zeros(16, bool)})
   random = step(batch)
-  for x, y, z in zip(jax.tree.leaves(flipped), jax.tree.leaves(mirrored), jax.tree.leaves(random)):
+  for x, y in zip(jax.tree.leaves(flipped), jax.tree.leaves(mirrored)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   assert not np.allclose(flipped[1]["loss"], random[1]["loss"], rtol=1e-6)
 
