@@ -25,6 +25,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.crop_padding = 4         # Random translation of up to 4 pixels (0.125 of 32).
   # Mirror each training image in every other epoch (random first epoch) instead of at random.
   c.alternate_flips = False
+  # Erase a square of this side (pixels, after translation and flip) around a random centre of
+  # each training image, clipped at the border (DeVries & Taylor, 2017); 0: off.
+  c.cutout = 0
   c.eval_flip = False        # Evaluate (and predict) on the mean logits of image and mirror.
   # The final evaluation (and --config.mode=eval, predict) also averages the logits of each view
   # translated by 0 and +-eval_shift pixels along each axis (9x the work; 0: off). Per-epoch

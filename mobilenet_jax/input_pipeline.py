@@ -58,6 +58,9 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError(f"config.alternate_flips=True with config.augment={config.augment!r}: "
                      "there are no flips to alternate; use --config.augment=crop+flip (or flip), "
                      "or --config.alternate_flips=False.")
+  if config.cutout < 0:
+    raise ValueError(f"config.cutout={config.cutout}: expected the side in pixels of the square "
+                     "to erase (e.g. 8), or 0 for no cutout.")
   if len(config.mean) != len(config.std) or min(config.std) <= 0:
     raise ValueError(f"config.mean={config.mean} / config.std={config.std}: need one mean and "
                      "one positive std per image channel.")
@@ -134,15 +137,19 @@ def normalize(images, mean, std):
   return (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def augmentation_draws(rng, num_images: int, padding: int):
-  """Per-image random translation (dy, dx in [0, 2 * padding]) and flip decisions.
+def augmentation_draws(rng, num_images: int, padding: int, cutout: int = 0):
+  """Per-image random translation (dy, dx in [0, 2 * padding]) and flip decisions, and with
+  `cutout` > 0 the centre of each erased square (as fractions of the image's height and width).
 
   Drawn for a whole global batch so that any sharding of the batch (jit mesh,
   pmap, one device) applies exactly the same augmentation to each image.
   """
   shift_rng, flip_rng = jax.random.split(rng)
-  return {"shift": jax.random.randint(shift_rng, (num_images, 2), 0, 2 * padding + 1),
-          "flip": jax.random.bernoulli(flip_rng, 0.5, (num_images,))}
+  draws = {"shift": jax.random.randint(shift_rng, (num_images, 2), 0, 2 * padding + 1),
+           "flip": jax.random.bernoulli(flip_rng, 0.5, (num_images,))}
+  if cutout:  # A key of its own, so that turning cutout on leaves the other draws as they were.
+    draws["cutout"] = jax.random.uniform(jax.random.fold_in(rng, 2), (num_images, 2))
+  return draws
 
 
 def alternating_flips(rng, indices, epoch):
@@ -157,15 +164,23 @@ def alternating_flips(rng, indices, epoch):
   return phase ^ (epoch % 2 == 1)
 
 
-def augment(images, draws, mode: str, padding: int):
-  """Random translation with zero fill (after normalization: the mean colour) and flip."""
+def augment(images, draws, mode: str, padding: int, cutout: int = 0):
+  """Random translation with zero fill (after normalization: the mean colour) and flip; then,
+  with `cutout` > 0, a `cutout` x `cutout` square zeroed around a uniformly drawn centre,
+  clipped where it crosses the border (DeVries & Taylor, 2017)."""
+  n, h, w, c = images.shape
   if "crop" in mode and padding > 0:
-    n, h, w, c = images.shape
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     crop = lambda img, s: jax.lax.dynamic_slice(img, (s[0], s[1], 0), (h, w, c))
     images = jax.vmap(crop)(padded, draws["shift"])
   if "flip" in mode:
     images = jnp.where(draws["flip"][:, None, None, None], images[:, :, ::-1], images)
+  if cutout:
+    first = jnp.floor(draws["cutout"] * jnp.array([h, w])).astype(jnp.int32) - cutout // 2
+    inside = lambda size, start: ((jnp.arange(size) >= start[:, None]) &
+                                  (jnp.arange(size) < start[:, None] + cutout))
+    erased = inside(h, first[:, 0])[:, :, None] & inside(w, first[:, 1])[:, None, :]
+    images = jnp.where(erased[..., None], jnp.zeros((), images.dtype), images)
   return images
 
 
@@ -187,7 +202,7 @@ def preprocess(images, config, draws=None):
   """uint8 images -> normalized (augmented if `draws` given) model inputs."""
   x = normalize(images, config.mean, config.std)
   if draws is not None:
-    x = augment(x, draws, config.augment, config.crop_padding)
+    x = augment(x, draws, config.augment, config.crop_padding, config.cutout)
   return resize(x, config.image_size)
 
 

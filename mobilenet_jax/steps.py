@@ -69,7 +69,8 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   flip decisions that replace the random ones (`input_pipeline.alternating_flips`).
   """
   local = batch["label"].shape[0]
-  draws = input_pipeline.augmentation_draws(rng, config.batch_size, config.crop_padding)
+  draws = input_pipeline.augmentation_draws(rng, config.batch_size, config.crop_padding,
+                                            config.cutout)
   if axis_name is not None:  # This device's slice of the global batch's draws.
     start = jax.lax.axis_index(axis_name) * local
     draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, start, local), draws)

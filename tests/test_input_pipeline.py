@@ -80,6 +80,26 @@ def test_flip_rate_is_about_one_half_and_shifts_cover_the_range():
   assert set(np.unique(draws["shift"]).tolist()) == set(range(9))
 
 
+def test_cutout_zeroes_a_square_around_each_centre_clipped_at_the_border():
+  x = _images(256, 12) + 10.0  # No zeros of its own.
+  draws = input_pipeline.augmentation_draws(jax.random.key(5), 256, 4, cutout=5)
+  y = np.asarray(input_pipeline.augment(x, draws, "none", 4, cutout=5))
+  expected = np.asarray(x).copy()
+  for i, (cy, cx) in enumerate(np.floor(np.asarray(draws["cutout"]) * 12).astype(int)):
+    expected[i, max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3] = 0
+  np.testing.assert_array_equal(y, expected)
+  erased = (y == 0).all(-1).sum((1, 2))
+  assert erased.max() == 25 and erased.min() == 9  # Whole squares inside, 3x3 in the corners.
+
+
+def test_cutout_draws_leave_the_translation_and_flip_draws_unchanged():
+  rng = jax.random.key(2)
+  plain, with_cutout = (input_pipeline.augmentation_draws(rng, 64, 4, cutout=c) for c in (0, 8))
+  assert "cutout" not in plain
+  for k in plain:
+    np.testing.assert_array_equal(plain[k], with_cutout[k])
+
+
 def test_alternating_flips_invert_each_epoch_from_a_random_phase_per_example():
   rng, idx = jax.random.key(0), jnp.arange(20_000)
   first, second, third = (np.asarray(input_pipeline.alternating_flips(rng, idx, e))
@@ -120,7 +140,8 @@ def test_eval_batches_cover_every_example_exactly_once(n, batch):
     ({"augment": "rotate"}, "config.augment"), ({"image_size": 7}, "config.image_size"),
     ({"batch_size": 12}, "config.batch_size=12 must be a positive multiple of the 8 devices"),
     ({"augment": "crop", "alternate_flips": True},
-     "config.alternate_flips=True with config.augment='crop': there are no flips")])
+     "config.alternate_flips=True with config.augment='crop': there are no flips"),
+    ({"cutout": -8}, "config.cutout=-8: expected the side in pixels")])
 def test_bad_data_config_is_rejected(smoke_config, overrides, match):
   smoke_config.update(overrides)
   with pytest.raises(ValueError, match=match):

@@ -28,7 +28,7 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   common = ["--config=configs/cifar.py:smoke", "--config.download=False", "--config.num_epochs=1",
             "--config.train_examples=48", "--config.progress_bar=False", "--config.inference_chunk=8",
             "--config.eval_flip=True", "--config.eval_shift=2", "--config.alternate_flips=True",
-            *WELL_CONDITIONED]
+            "--config.cutout=8", *WELL_CONDITIONED]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
   for name, (env, mode) in runs.items():
     result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}",

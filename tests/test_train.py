@@ -51,6 +51,18 @@ def test_flip_decisions_in_the_batch_replace_the_random_ones(smoke_config):
   assert not np.allclose(flipped[1]["loss"], random[1]["loss"], rtol=1e-6)
 
 
+def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config):
+  smoke_config.update(augment="none", image_size=32)
+  state, batch = _state(smoke_config), _batch(smoke_config)
+  with_cutout = smoke_config.copy_and_resolve_references()
+  with_cutout.cutout = 6
+  draws = input_pipeline.augmentation_draws(jax.random.key(0), 16, 4, with_cutout.cutout)
+  erased = (input_pipeline.preprocess(batch["image"], with_cutout, draws) == 0).all(-1).sum((1, 2))
+  assert 9 <= int(erased.min()) and int(erased.max()) == 36
+  loss = lambda c: steps.train_step(state, batch, jax.random.key(0), c)[1]["loss"]
+  assert not np.allclose(loss(with_cutout), loss(smoke_config), rtol=1e-6)
+
+
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config):
   state, images = _state(smoke_config), _batch(smoke_config)["image"]
   logits = lambda x: steps.eval_logits(
@@ -223,7 +235,8 @@ def test_determinism_same_seed_same_params(mock_tfds, smoke_config, tmp_path):
 def test_resume_after_process_exit_equals_a_straight_run(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   common = ["--config=configs/cifar.py:smoke", "--config.download=False",
-            "--config.progress_bar=False", "--config.alternate_flips=True"]
+            "--config.progress_bar=False", "--config.alternate_flips=True",
+            "--config.cutout=4"]
   for workdir, epochs in [(straight, 2), (resumed, 1), (resumed, 2)]:
     result = run_mocked(*common, f"--workdir={workdir}", f"--config.num_epochs={epochs}")
     assert result.returncode == 0, result.stderr[-3000:]
