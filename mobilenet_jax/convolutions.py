@@ -6,11 +6,12 @@ than nine shifted multiply-adds, and a 1x1 convolution's backward pass is 2-5x
 slower than the same matrix product. The depthwise conv has its own VJP: autodiff
 of the nine multiply-adds keeps nine shifted copies of the input for the backward
 pass and reduces each separately for the kernel gradient; the custom VJP keeps the
-input alone and computes all nine kernel-gradient sums in one pass. The input is
-padded once (a copy into which XLA fuses the BatchNorm+ReLU before the conv) and the
-taps read that copy: forming each tap's product from the unpadded input and padding
-it into the sum instead made XLA materialize the products one by one, recomputing the
-BatchNorm+ReLU in each (train step 1.3x slower, README Speed). GPUs and TPUs
+input alone and computes all nine kernel-gradient sums in one pass. The forward pass
+pads first, so that the BatchNorm+ReLU before the conv fuses into the padded copy the
+taps read; the backward pass reads the unpadded input (`_tap_windows`), which saves
+a memory pass. (Read that way in the forward pass too, a conv bias before the
+BatchNorm, as in the Keras layout, made XLA write each tap's product to memory
+separately: a 1.25x slower train step; README, Speed.) GPUs and TPUs
 have fast convolution kernels (cuDNN, the TPU's MXU), so there
 `lax.conv_general_dilated` is used.
 
@@ -28,18 +29,23 @@ from jax import lax
 IMPLEMENTATIONS = ("auto", "lax", "shifted")
 
 
+def _pads_and_out_sizes(hw, kernel_hw, strides, padding):
+  """`padding` ('SAME', 'VALID' or explicit pairs) as pairs, and the output's (height, width)."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(hw, kernel_hw, strides, padding)
+  out_sizes = tuple((size + sum(pad) - k) // s + 1
+                    for size, pad, k, s in zip(hw, padding, kernel_hw, strides))
+  return padding, out_sizes
+
+
 def _shifted_slices(x, kernel_hw, strides, padding):
   """Yields ((i, j), x_pad[:, i::sh, j::sw, :]) for each kernel tap, each of output size."""
-  kh, kw = kernel_hw
-  sh, sw = strides
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], kernel_hw, strides, padding)
-  (pt, pb), (pl, pr) = padding
   n, h, w, c = x.shape
-  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  sh, sw = strides
+  ((pt, pb), (pl, pr)), (ho, wo) = _pads_and_out_sizes((h, w), kernel_hw, strides, padding)
   x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  for i in range(kh):
-    for j in range(kw):
+  for i in range(kernel_hw[0]):
+    for j in range(kernel_hw[1]):
       yield (i, j), lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
                               (1, sh, sw, 1))
 
@@ -75,11 +81,54 @@ def _hashable(padding):
   return padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
 
 
+def _tap_windows(x, kernel_hw, strides, padding):
+  """Yields ((i, j), window, pads) per kernel tap, reading `x` without a padded copy.
+
+  Output position o reads input o * stride + tap - pad_before; `window` is the
+  strided slice of `x` for the outputs whose input is in bounds, and `pads` (for
+  `lax.pad`) places its products in the output, zero elsewhere. XLA fuses those pads
+  into the sum, so no padded copy of the activations is written, one memory pass
+  less per depthwise conv than padding first.
+  """
+  n, h, w, c = x.shape
+  padding, out_sizes = _pads_and_out_sizes((h, w), kernel_hw, strides, padding)
+
+  def valid(size, out, tap, stride, pad_before):  # First input index, output range [lo, hi).
+    lo = max(0, -((tap - pad_before) // stride))
+    hi = min(out, (size - 1 + pad_before - tap) // stride + 1)
+    return lo * stride + tap - pad_before, lo, hi
+
+  for i in range(kernel_hw[0]):
+    for j in range(kernel_hw[1]):
+      (r0, rlo, rhi), (c0, clo, chi) = (
+          valid(size, out, tap, s, pad[0])
+          for size, out, tap, s, pad in zip((h, w), out_sizes, (i, j), strides, padding))
+      if rhi <= rlo or chi <= clo:
+        continue  # This tap only ever reads padding.
+      sh, sw = strides
+      window = lax.slice(x, (0, r0, c0, 0), (n, r0 + (rhi - rlo - 1) * sh + 1,
+                                             c0 + (chi - clo - 1) * sw + 1, c), (1, sh, sw, 1))
+      yield (i, j), window, ((0, 0, 0), (rlo, out_sizes[0] - rhi, 0),
+                             (clo, out_sizes[1] - chi, 0), (0, 0, 0))
+
+
 def _sum_of_taps(x, kernel, strides, padding):
   """Depthwise conv (kernel `(kh, kw, 1, C)`) as the sum over taps of slice * kernel[i, j, 0]."""
   return functools.reduce(operator.add, (
       tap * kernel[i, j, 0]
       for (i, j), tap in _shifted_slices(x, kernel.shape[:2], strides, padding)))
+
+
+def _sum_of_windows(x, kernel, strides, padding):
+  """`_sum_of_taps` from the unpadded input: each tap's products are padded into the sum.
+
+  The backward pass differentiates this; the forward pass uses `_sum_of_taps`, since
+  here the BatchNorm+ReLU before the conv can be recomputed for each of the nine taps.
+  """
+  zero = jnp.zeros((), x.dtype)
+  return functools.reduce(operator.add, (
+      lax.pad(window * kernel[i, j, 0], zero, pads)
+      for (i, j), window, pads in _tap_windows(x, kernel.shape[:2], strides, padding)))
 
 
 depthwise = jax.custom_vjp(_sum_of_taps, nondiff_argnums=(2, 3))
@@ -92,18 +141,26 @@ def _depthwise_fwd(x, kernel, strides, padding):
 def _depthwise_bwd(strides, padding, residuals, g):
   """Input gradient by autodiff (slices and pads); kernel gradient in one variadic reduction.
 
-  The kernel gradient of tap (i, j) is the sum over n, h, w of slice_ij * g. One
+  The kernel gradient of tap (i, j) is the sum over n, h, w of window_ij * g. One
   variadic reduce computes all taps from a single read of `x` and `g`: first over
   each image's rows (a large output XLA can spread over cores), then a small sum.
   """
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _sum_of_taps(x, kernel, strides, padding), x)
+  _, input_vjp = jax.vjp(lambda x: _sum_of_windows(x, kernel, strides, padding), x)
   n, ho, wo, c = g.shape
-  products = tuple((tap * g).astype(jnp.float32).reshape(n, ho, wo * c)
-                   for _, tap in _shifted_slices(x, kernel.shape[:2], strides, padding))
-  per_image = lax.reduce(products, (jnp.float32(0),) * len(products),
+  zero = jnp.zeros((), jnp.float32)
+  taps, products = [], []
+  for tap, window, pads in _tap_windows(x, kernel.shape[:2], strides, padding):
+    _, (top, bottom, _), (left, right, _), _ = pads
+    g_window = g[:, top:ho - bottom, left:wo - right]
+    products.append(lax.pad((window * g_window).astype(jnp.float32), zero, pads)
+                    .reshape(n, ho, wo * c))
+    taps.append(tap)
+  per_image = lax.reduce(tuple(products), (zero,) * len(products),
                          lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
-  grad_kernel = jnp.stack([p.reshape(n * wo, c).sum(0) for p in per_image]).reshape(kernel.shape)
+  grad_kernel = jnp.zeros(kernel.shape, jnp.float32)
+  for (i, j), p in zip(taps, per_image):
+    grad_kernel = grad_kernel.at[i, j, 0].set(p.reshape(n * wo, c).sum(0))
   return input_vjp(g)[0], grad_kernel.astype(kernel.dtype)
 
 
