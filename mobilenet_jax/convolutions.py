@@ -11,7 +11,7 @@ pads first, so that the BatchNorm+ReLU before the conv fuses into the padded cop
 taps read; the backward pass reads the unpadded input (`_tap_windows`), which saves
 a memory pass. (Read that way in the forward pass too, a conv bias before the
 BatchNorm, as in the Keras layout, made XLA write each tap's product to memory
-separately: a 1.25x slower train step; README, Speed.) GPUs and TPUs
+separately: a 1.2-1.3x slower train step; README, Speed.) GPUs and TPUs
 have fast convolution kernels (cuDNN, the TPU's MXU), so there
 `lax.conv_general_dilated` is used.
 
