@@ -2,7 +2,7 @@ r"""MobileNetV1 on CIFAR-10: the Keras reference recipe and its presets.
 
   python run.py --config=configs/cifar.py --workdir=/tmp/mobilenet       # Keras recipe
   python run.py --config=configs/cifar.py:torch --workdir=...            # PyTorch layout
-  python run.py --config=configs/cifar.py:quick --workdir=...            # 32-44 min on 2 CPU cores
+  python run.py --config=configs/cifar.py:quick --workdir=...            # 24-44 min on 2 CPU cores
   python run.py --config=configs/cifar.py:smoke --workdir=...            # seconds, for tests
 
 Any field can be overridden: `--config.num_epochs=1 --config.model.alpha=0.5`.
@@ -77,7 +77,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.model.use_bias = False
     c.model.kernel_init = "torch"
   elif preset == "quick":
-    # 32-44 minutes on 2 CPU cores, 86.40% (README, Results): the Keras layout, whose stride-2
+    # 24-44 minutes on 2 CPU cores, 86.00-86.40% (README, Results): the Keras layout, whose stride-2
     # stem makes an epoch ~4x cheaper than the PyTorch layout's, in its shallow form: without the
     # five 512-wide blocks at 2x2 an epoch is 1.3-1.6x cheaper again and the network learns no
     # slower per epoch (77.5% against 74.8% after 15), so 38 epochs fit, not 30. Width 0.75 trains
