@@ -40,17 +40,20 @@ from mobilenet_jax import convolutions, input_pipeline, models, parallel, steps
 PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
 
 
-def _rate(fn, batch, steps_per_rep, repeats):
-  """Median images/s over `repeats` timed runs of `steps_per_rep` calls (after one warm-up rep)."""
-  rates = []
+def _rates(fns, batch, steps_per_rep, repeats):
+  """Median images/s of each of `fns` (name -> fn) over `repeats` timed runs of `steps_per_rep`
+  calls, after one warm-up run. The functions take turns run by run, so that this VM's speed
+  drifting during a measurement (by up to a third between runs) biases none of them."""
+  rates = {name: [] for name in fns}
   for rep in range(repeats + 1):
-    start = time.perf_counter()
-    for _ in range(steps_per_rep):
-      out = fn()
-    jax.block_until_ready(out)
-    if rep:
-      rates.append(batch * steps_per_rep / (time.perf_counter() - start))
-  return statistics.median(rates)
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(steps_per_rep):
+        out = fn()
+      jax.block_until_ready(out)
+      if rep:
+        rates[name].append(batch * steps_per_rep / (time.perf_counter() - start))
+  return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def _centre_tap(x, kernel, strides, padding):
@@ -84,39 +87,40 @@ def measure(args, stem, impl):
   batch = {"image": jnp.asarray(split.images[:args.batch]),
            "label": jnp.asarray(split.labels[:args.batch])}
   step = jax.jit(lambda s, b, r: steps.train_step(s, b, r, config), donate_argnums=0)
-  holder = {"state": jax.tree.map(jnp.copy, state)}
+  step_state = {"state": jax.tree.map(jnp.copy, state)}
   key = jax.random.key(1)
   start = time.perf_counter()
-  holder["state"], m = step(holder["state"], batch, key)
+  step_state["state"], m = step(step_state["state"], batch, key)
   jax.block_until_ready(m)
   row["compile_s"] = round(time.perf_counter() - start, 1)
   def train_step():
-    holder["state"], metrics = step(holder["state"], batch, key)
+    step_state["state"], metrics = step(step_state["state"], batch, key)
     return metrics
-  row["train_step_img_s"] = _rate(train_step, args.batch, args.steps, args.repeats)
 
   # The training loop's step: gather by permutation from device-resident data, then train.
   data = runner.put_train_data(split)
-  holder["state"] = state
+  loop_state = {"state": state}
   perm = runner.shuffle(state)
   def loop_step():
-    holder["state"], metrics = runner.train(holder["state"], data, perm)
+    loop_state["state"], metrics = runner.train(loop_state["state"], data, perm)
     return metrics
   with jax.transfer_guard_host_to_device("disallow"):
     jax.block_until_ready(loop_step())
-    row["train_loop_img_s"] = _rate(loop_step, args.batch, args.steps, args.repeats)
+    row.update(_rates({"train_step_img_s": train_step, "train_loop_img_s": loop_step},
+                      args.batch, args.steps, args.repeats))
 
   # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips).
-  variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+  variables = {"params": loop_state["state"].params, "batch_stats": loop_state["state"].batch_stats}
   if config.parallel == "pmap":
-    variables = runner.get_state(holder["state"])
+    variables = runner.get_state(loop_state["state"])
     variables = {"params": variables.params, "batch_stats": variables.batch_stats}
   infer_model = models.create_model(config.model)
   config.inference_chunk = args.inference_chunk
   infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))
   row["inference_chunk"] = steps.inference_chunk(config)
   x = batch["image"]
-  row["infer_img_s"] = _rate(lambda: infer(variables, x), args.batch, args.steps * 4, args.repeats)
+  row.update(_rates({"infer_img_s": lambda: infer(variables, x)}, args.batch, args.steps * 4,
+                    args.repeats))
   return row
 
 
