@@ -110,10 +110,10 @@ def measure(args, stem, impl):
                       args.batch, args.steps, args.repeats))
 
   # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips).
-  variables = {"params": loop_state["state"].params, "batch_stats": loop_state["state"].batch_stats}
+  trained = loop_state["state"]
   if config.parallel == "pmap":
-    variables = runner.get_state(loop_state["state"])
-    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
+    trained = runner.get_state(trained)
+  variables = {"params": trained.params, "batch_stats": trained.batch_stats}
   infer_model = models.create_model(config.model)
   config.inference_chunk = args.inference_chunk
   infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))

@@ -83,7 +83,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # slower per epoch (77.5% against 74.8% after 15). At this budget width beats epochs up to
     # 1.5: width 1.0 fits 38 epochs (86.00-86.40%), 0.75 47 (83.92%), 1.5 32 on a fast day
     # (86.67-87.36%); 1.75 (27-30 epochs, 86.61-87.45%) and 34 epochs at 1.5 (87.35%) gain nothing
-    # more, 2.0 (18 epochs, 85.60%) loses. 28 epochs, so that the VM's slowest days fit 45 minutes: at 572 images/s, 30 took 46.8.
+    # more, 2.0 (18 epochs, 85.60%) loses. 28 epochs, so that the VM's slowest days fit 45
+    # minutes: at 572 images/s, 30 took 46.8.
     # One warm-up epoch at 0.016, then 0.08 (0.05 and 0.12 did worse at width 1.0), then a
     # staircase down to 0.0012: with two 10x decays test accuracy levelled off ~3 epochs after
     # each, so the rate steps down more often, by less.
