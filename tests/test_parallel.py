@@ -26,7 +26,8 @@ WELL_CONDITIONED = ["--config.model.shallow=True", "--config.image_size=32",
 
 def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   common = ["--config=configs/cifar.py:smoke", "--config.download=False", "--config.num_epochs=1",
-            "--config.train_examples=48", "--config.progress_bar=False", "--config.inference_chunk=8",
+            "--config.train_examples=48", "--config.progress_bar=False",
+            "--config.inference_chunk=8",
             "--config.eval_flip=True", "--config.eval_shift=2", "--config.alternate_flips=True",
             "--config.cutout=8", *WELL_CONDITIONED]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
