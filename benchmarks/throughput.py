@@ -7,7 +7,8 @@ For each configuration it times, after warm-up, the median of several repetition
 - train step: the jitted `steps.train_step` (augmentation, forward, backward, SGD, BN updates)
   on a batch already on device;
 - train loop: the training loop's own compiled step (gather from the device-resident
-  dataset by the epoch's permutation, then the train step), as `train.py` runs it;
+  dataset by the epoch's permutation, then the train step), as `train.py` runs it; the two
+  take turns, and loop/step is the median of each loop repetition's rate over the step's before it;
 - inference: `steps.eval_logits` without test-time flips (normalization, then the model in
   inference mode), as evaluation and prediction run it: in sub-batches of
   `--inference-chunk` images (default: automatic, 32 on CPU).
@@ -41,7 +42,7 @@ PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
 
 
 def _rates(fns, batch, steps_per_rep, repeats):
-  """Median images/s of each of `fns` (name -> fn) over `repeats` timed runs of `steps_per_rep`
+  """Images/s of each of `fns` (name -> fn) in each of `repeats` timed runs of `steps_per_rep`
   calls, after one warm-up run. The functions take turns run by run, so that this VM's speed
   drifting during a measurement (by up to a third between runs) biases none of them."""
   rates = {name: [] for name in fns}
@@ -53,7 +54,7 @@ def _rates(fns, batch, steps_per_rep, repeats):
       jax.block_until_ready(out)
       if rep:
         rates[name].append(batch * steps_per_rep / (time.perf_counter() - start))
-  return {name: statistics.median(r) for name, r in rates.items()}
+  return rates
 
 
 def _centre_tap(x, kernel, strides, padding):
@@ -106,8 +107,12 @@ def measure(args, stem, impl):
     return metrics
   with jax.transfer_guard_host_to_device("disallow"):
     jax.block_until_ready(loop_step())
-    row.update(_rates({"train_step_img_s": train_step, "train_loop_img_s": loop_step},
-                      args.batch, args.steps, args.repeats))
+    rates = _rates({"step": train_step, "loop": loop_step}, args.batch, args.steps, args.repeats)
+  row["train_step_img_s"] = statistics.median(rates["step"])
+  row["train_loop_img_s"] = statistics.median(rates["loop"])
+  # Each loop repetition against the step repetition just before it, so that drift cancels.
+  row["loop_vs_step"] = statistics.median(
+      loop / step for loop, step in zip(rates["loop"], rates["step"]))
 
   # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips).
   trained = loop_state["state"]
@@ -119,8 +124,9 @@ def measure(args, stem, impl):
   infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))
   row["inference_chunk"] = steps.inference_chunk(config)
   x = batch["image"]
-  row.update(_rates({"infer_img_s": lambda: infer(variables, x)}, args.batch, args.steps * 4,
-                    args.repeats))
+  row["infer_img_s"] = statistics.median(
+      _rates({"infer": lambda: infer(variables, x)}, args.batch, args.steps * 4,
+             args.repeats)["infer"])
   return row
 
 
@@ -180,7 +186,6 @@ def main():
                          reference.get("peer_infer_compiled_img_s", 0))
         row["train_ratio"] = row["train_step_img_s"] / reference["peer_train_img_s"]
         row["infer_ratio"] = row["infer_img_s"] / best_infer
-      row["loop_vs_step"] = row["train_loop_img_s"] / row["train_step_img_s"]
       rows.append(row)
       if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
