@@ -112,7 +112,7 @@ def measure(args, stem, impl):
   row["train_loop_img_s"] = statistics.median(rates["loop"])
   # Each loop repetition against the step repetition just before it, so that drift cancels.
   row["loop_vs_step"] = statistics.median(
-      loop / step for loop, step in zip(rates["loop"], rates["step"]))
+      loop_rate / step_rate for loop_rate, step_rate in zip(rates["loop"], rates["step"]))
 
   # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips).
   trained = loop_state["state"]
