@@ -16,7 +16,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.mode = "train"            # 'train' | 'eval' (test accuracy of the workdir's latest checkpoint)
 
   # Data (mobilenet_jax/input_pipeline.py).
-  c.dataset = "cifar10"
+  c.dataset = "cifar10"      # Any tfds image classification dataset (grayscale is read as RGB).
+  c.train_split = "train"    # tfds split names, slicing allowed: 'train[:90%]', 'train[90%:]'.
+  c.eval_split = "test"
   # None: $TFDS_DATA_DIR, then tfds' default.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.download = True

@@ -13,7 +13,7 @@ from mobilenet_jax import checkpoints, models, steps
 LABELS_FILE = "label_names.json"
 # Config fields added after a workdir may have been trained, with the values it was trained with.
 ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None,
-                "eval_shift": 0}
+                "eval_shift": 0, "train_split": "train", "eval_split": "test"}
 
 
 @dataclasses.dataclass(frozen=True)

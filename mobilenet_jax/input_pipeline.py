@@ -1,9 +1,10 @@
-"""CIFAR-style tfds datasets held in accelerator memory, preprocessed inside the jitted step.
+"""tfds image datasets held in accelerator memory, preprocessed inside the jitted step.
 
-The whole dataset is read once (as uint8) and placed on the devices; every
+The whole dataset is read once (as uint8 RGB) and placed on the devices; every
 per-step operation (shuffle, gather, augmentation, normalization, resize) is a
 JAX function that the train step compiles in, so a steady-state training step
-transfers nothing between host and device.
+transfers nothing between host and device. Datasets whose images vary in size
+(e.g. tf_flowers) are brought to `image_size` once, on the host, while reading.
 
 Shuffling: each epoch is a fresh permutation drawn from `fold_in(rng, epoch)`;
 an epoch is `n // batch_size` full batches and the last `n % batch_size`
@@ -16,6 +17,7 @@ example is counted exactly once whatever the batch size and device count.
 import dataclasses
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,10 @@ MIN_IMAGE_SIZE = 8
 
 class DatasetUnavailableError(RuntimeError):
   """The dataset is neither prepared in data_dir nor downloadable."""
+
+
+class UnknownSplitError(ValueError):
+  """config.train_split or config.eval_split names no split of the dataset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +67,9 @@ def check_config(config, num_devices: int) -> None:
   if config.cutout < 0:
     raise ValueError(f"config.cutout={config.cutout}: expected the side in pixels of the square "
                      "to erase (e.g. 8), or 0 for no cutout.")
-  if len(config.mean) != len(config.std) or min(config.std) <= 0:
+  if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
     raise ValueError(f"config.mean={config.mean} / config.std={config.std}: need one mean and "
-                     "one positive std per image channel.")
+                     "one positive std per RGB channel (grayscale images are read as RGB).")
 
 
 def _data_dir(config):
@@ -99,7 +105,7 @@ def _unavailable(config, builder, cause) -> DatasetUnavailableError:
 
 
 def load(config) -> Dataset:
-  """Reads the train and test splits into host memory as uint8 images and int32 labels."""
+  """Reads the train and eval splits into host memory as uint8 RGB images and int32 labels."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads files here.
@@ -107,22 +113,84 @@ def load(config) -> Dataset:
   try:
     if config.download:
       builder.download_and_prepare()
-    splits = {}
-    for split in ("train", "test"):
-      ds = tfds.load(config.dataset, split=split, data_dir=_data_dir(config), download=False)
-      parts = list(tfds.as_numpy(ds.map(lambda e: (e["image"], e["label"])).batch(10_000)))
-      splits[split] = Split(np.concatenate([p[0] for p in parts]),
-                            np.concatenate([p[1] for p in parts]).astype(np.int32))
+    train = _read_split(config, builder, "train_split", config.get("train_examples"))
+    test = _read_split(config, builder, "eval_split", config.get("eval_examples"))
   except (AssertionError, OSError, tfds.core.DatasetNotFoundError) as e:
     raise _unavailable(config, builder, e) from e
+  except UnknownSplitError:
+    raise
   except Exception as e:  # Download failures come in many types (HTTP, DNS, checksum).
     if not config.download:
       raise
     raise _unavailable(config, builder, f"{type(e).__name__}: {e}") from e
-  limits = {"train": config.get("train_examples"), "test": config.get("eval_examples")}
-  splits = {k: Split(s.images[:limits[k]], s.labels[:limits[k]]) for k, s in splits.items()}
+  _warn_if_normalization_is_off(config, train.images)
   label = builder.info.features["label"]
-  return Dataset(splits["train"], splits["test"], label.num_classes, tuple(label.names))
+  return Dataset(train, test, label.num_classes, tuple(label.names))
+
+
+def _read_split(config, builder, flag: str, limit) -> Split:
+  """The split `config[flag]` (tfds syntax: 'test', 'train[:90%]'), its first `limit` examples."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    ds = tfds.load(config.dataset, split=config[flag], data_dir=_data_dir(config), download=False)
+  except ValueError as e:
+    if "split" not in str(e).lower():
+      raise
+    raise UnknownSplitError(
+        f"config.{flag}={config[flag]!r}: {e} A dataset without a test split can hold out part "
+        "of its training split: --config.train_split='train[:90%]' "
+        "--config.eval_split='train[90%:]'.") from e
+  if limit is not None:
+    ds = ds.take(limit)
+  shape = builder.info.features["image"].shape
+
+  def rgb_at_fixed_size(example):
+    image = example["image"]
+    if shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    if None in shape[:2]:
+      image = square_and_resize(image, config.image_size)
+    return image, example["label"]
+
+  ds = ds.map(rgb_at_fixed_size, num_parallel_calls=tf.data.AUTOTUNE)
+  parts = list(tfds.as_numpy(ds.batch(10_000)))
+  return Split(np.concatenate([p[0] for p in parts]),
+               np.concatenate([p[1] for p in parts]).astype(np.int32))
+
+
+def square_and_resize(image, size: int):
+  """A variable-size uint8 image (TensorFlow, while reading) -> `size` x `size` uint8: its
+  centre square (as `centre_square`), resized as `resize` does, so aspect ratios are kept."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  side = tf.minimum(h, w)
+  image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+  image = tf.image.resize(image, (size, size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def centre_square(image: np.ndarray) -> np.ndarray:
+  """The centred min(h, w)-sided square of an (h, w, c) image (for `predict`)."""
+  h, w = image.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return image[top:top + side, left:left + side]
+
+
+def _warn_if_normalization_is_off(config, images) -> None:
+  """Logs the training images' own mean and std when config.mean/std are far from them (the
+  defaults are CIFAR-10's): BatchNorm copes, but the first layer sees skewed inputs."""
+  sample = images[:10_000].reshape(-1, images.shape[-1]).astype(np.float32)
+  mean, std = sample.mean(0), np.maximum(sample.std(0), 1.0)
+  mean_off = np.abs(mean - np.asarray(config.mean)) / std
+  std_off = np.abs(np.log(std / np.asarray(config.std)))
+  if max(mean_off.max(), std_off.max()) > 0.25:
+    fmt = lambda v: "(" + ", ".join(f"{x:.1f}" for x in v) + ")"
+    logging.warning("config.mean=%s, config.std=%s, but %s's training images have mean %s and std "
+                    "%s per channel: pass --config.mean='%s' --config.std='%s' to normalize them.",
+                    config.mean, config.std, config.dataset, fmt(mean), fmt(std), fmt(mean),
+                    fmt(std))
 
 
 # ---- On-device preprocessing: pure JAX, traced into the train and eval steps. ----
@@ -191,11 +259,12 @@ def translate(images, dy: int, dx: int):
 
 
 def resize(images, size: int):
-  """The paper's resolution multiplier: bilinear resize to `size` x `size` (no-op if equal)."""
+  """The paper's resolution multiplier: bilinear resize to `size` x `size` (no-op if equal),
+  antialiased when shrinking, as TensorFlow's `resize(antialias=True)` (`square_and_resize`)."""
   n, h, w, c = images.shape
   if (h, w) == (size, size):
     return images
-  return jax.image.resize(images, (n, size, size, c), "bilinear", antialias=False)
+  return jax.image.resize(images, (n, size, size, c), "bilinear", antialias=True)
 
 
 def preprocess(images, config, draws=None):

@@ -11,7 +11,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import inference, input_pipeline  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string("workdir", None, "A workdir trained by run.py.", required=True)
 flags.DEFINE_integer("top", 5, "How many classes to print per image.")
@@ -23,7 +23,8 @@ def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
   logits = inference.logits_fn(trained)
   results = []
   for path in paths:
-    image = inference.read_image(path)
+    # Its centre square, as variable-size datasets are read; `logits` resizes it on device.
+    image = input_pipeline.centre_square(inference.read_image(path))
     probs = np.asarray(jax.nn.softmax(logits(image[None]))[0])
     order = np.argsort(-probs)[:top]
     results.append([(trained.label_names[i], float(probs[i])) for i in order])

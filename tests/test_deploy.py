@@ -64,11 +64,12 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
   shutil.copytree(trained_workdir, old)
   config = json.loads((old / "config.json").read_text())
   del config["eval_flip"], config["model"]["kernel_init"], config["inference_chunk"]
-  del config["eval_shift"]
+  del config["eval_shift"], config["train_split"], config["eval_split"]
   (old / "config.json").write_text(json.dumps(config))
   trained = inference.load(str(old))
   assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
   assert trained.config.inference_chunk is None and trained.config.eval_shift == 0
+  assert (trained.config.train_split, trained.config.eval_split) == ("train", "test")
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
   np.testing.assert_array_equal(inference.logits_fn(trained)(images),
                                 inference.logits_fn(inference.load(str(trained_workdir)))(images))
@@ -95,6 +96,20 @@ def test_predict_prints_top5_class_names_for_png_jpeg_gray_and_rgba(trained_work
     block = lines[lines.index(str(path)) + 1:lines.index(str(path)) + 6]
     assert len(block) == 5 and all(line.split()[-1] in names for line in block)
     assert abs(sum(float(line.split()[0].rstrip("%")) for line in block) - 100) < 100
+
+
+def test_predict_classifies_the_centre_square_of_a_non_square_image(trained_workdir, tmp_path):
+  rng = np.random.default_rng(1)
+  square = rng.integers(0, 256, (32, 32, 3), np.uint8)
+  wide = np.concatenate([rng.integers(0, 256, (32, 7, 3), np.uint8), square,
+                         rng.integers(0, 256, (32, 8, 3), np.uint8)], axis=1)
+  Image.fromarray(square).save(tmp_path / "square.png")
+  Image.fromarray(wide).save(tmp_path / "wide.png")
+  result = _predict(trained_workdir, tmp_path / "square.png", tmp_path / "wide.png")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].endswith("square.png") and lines[6].endswith("wide.png")
+  assert lines[1:6] == lines[7:12]
 
 
 def test_predict_errors_are_clear(trained_workdir, tmp_path):

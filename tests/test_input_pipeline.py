@@ -27,6 +27,55 @@ def test_cifar100_loads(mock_tfds, smoke_config):
   assert data.num_classes == 100 and data.train.images.shape[1:] == (32, 32, 3)
 
 
+def test_grayscale_datasets_are_read_as_rgb(mock_tfds, smoke_config):
+  del mock_tfds
+  smoke_config.dataset = "mnist"
+  images = input_pipeline.load(smoke_config).train.images
+  assert images.shape == (64, 28, 28, 3) and images.dtype == np.uint8 and images.std() > 0
+  np.testing.assert_array_equal(images[..., 0], images[..., 1])
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
+def test_variable_size_images_are_read_at_image_size(mock_tfds, smoke_config):
+  del mock_tfds
+  smoke_config.update({"dataset": "tf_flowers", "image_size": 24,
+                       "train_split": "train[:90%]", "eval_split": "train[90%:]"})
+  data = input_pipeline.load(smoke_config)
+  assert data.train.images.shape == (64, 24, 24, 3) and data.test.images.shape == (40, 24, 24, 3)
+  assert data.train.images.dtype == np.uint8 and data.num_classes == 5
+
+
+def test_variable_size_images_keep_their_centre_square():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = np.zeros((20, 40, 3), np.uint8)
+  image[:, 10:30] = 200  # The centre square; squashing would bring in the zero columns.
+  out = np.asarray(input_pipeline.square_and_resize(tf.constant(image), 16))
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, 200)
+
+
+@pytest.mark.parametrize("h,w,size", [(20, 40, 12), (41, 23, 12), (16, 16, 12), (9, 14, 12)])
+def test_reading_a_variable_size_image_equals_predicts_crop_and_on_device_resize(h, w, size):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(h).integers(0, 256, (h, w, 3), np.uint8)
+  read = np.asarray(input_pipeline.square_and_resize(tf.constant(image), size), np.float32)
+  square = input_pipeline.centre_square(image)
+  assert square.shape == (min(h, w), min(h, w), 3)
+  on_device = input_pipeline.resize(jnp.asarray(square, jnp.float32)[None], size)[0]
+  np.testing.assert_allclose(read, on_device, atol=0.5 + 1e-3)  # Reading rounds to uint8.
+
+
+def test_load_reports_the_data_statistics_when_mean_and_std_are_far_off(
+    mock_tfds, smoke_config, caplog):
+  del mock_tfds
+  images = input_pipeline.load(smoke_config).train.images  # Random pixels: near CIFAR-10's.
+  assert "config.mean" not in caplog.text
+  smoke_config.mean = (30.0, 30.0, 30.0)
+  input_pipeline.load(smoke_config)
+  mean = ", ".join(f"{m:.1f}" for m in images.reshape(-1, 3).astype(np.float64).mean(0))
+  assert f"--config.mean='({mean})'" in caplog.text and "--config.std='(" in caplog.text
+
+
 def test_normalization_is_per_channel(mock_tfds, smoke_config):
   del mock_tfds
   images = input_pipeline.load(smoke_config).train.images
@@ -165,6 +214,21 @@ def test_missing_dataset_offline_names_dir_and_both_fixes(smoke_config, tmp_path
   assert "'cifar10'" in message and str(tmp_path) in message
   assert "--config.data_dir" in message and "TFDS_DATA_DIR" in message
   assert "cifar-10-binary.tar.gz" in message and str(tmp_path / "downloads" / "manual") in message
+
+
+@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),
+                    reason="no prepared CIFAR-10 in ../shared")
+def test_splits_are_tfds_slices_and_an_unknown_one_is_named(smoke_config):
+  smoke_config.update({"data_dir": str(SHARED_TFDS), "train_examples": None,
+                       "eval_examples": None, "train_split": "train[:1000]",
+                       "eval_split": "train[49500:]"})
+  data = input_pipeline.load(smoke_config)
+  assert len(data.train.labels) == 1000 and len(data.test.labels) == 500
+  smoke_config.eval_split = "validation"
+  with pytest.raises(input_pipeline.UnknownSplitError,
+                     match=r"config.eval_split='validation': Unknown split 'validation'.*"
+                     r"--config.eval_split='train\[90%:\]'"):
+    input_pipeline.load(smoke_config)
 
 
 @pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),

@@ -232,6 +232,18 @@ def test_determinism_same_seed_same_params(mock_tfds, smoke_config, tmp_path):
   assert a["test_accuracy"] == b["test_accuracy"] and a["test_examples"] == 40
 
 
+def test_a_dataset_of_variable_size_images_without_a_test_split_trains(
+    mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  smoke_config.update({"dataset": "tf_flowers", "train_split": "train[:90%]",
+                       "eval_split": "train[90%:]", "num_epochs": 1})
+  smoke_config.model.num_classes = 5
+  results = train.train_and_evaluate(smoke_config, str(tmp_path))
+  assert results["test_examples"] == 40 and 0 <= results["test_accuracy"] <= 1
+  with open(tmp_path / "label_names.json", encoding="utf-8") as f:
+    assert len(json.load(f)) == 5
+
+
 def test_resume_after_process_exit_equals_a_straight_run(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   common = ["--config=configs/cifar.py:smoke", "--config.download=False",
