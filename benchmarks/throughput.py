@@ -3,17 +3,19 @@ r"""Training and inference throughput of mobilenet-jax, side by side with the Py
   python benchmarks/throughput.py                       # both stems, batch 128, float32
   python benchmarks/throughput.py --stem 2 --conv lax shifted --json
 
-For each configuration it times, after warm-up, the median of several repetitions of
+For each configuration it times, after warm-up, several rounds of
 - train step: the jitted `steps.train_step` (augmentation, forward, backward, SGD, BN updates)
   on a batch already on device;
 - train loop: the training loop's own compiled step (gather from the device-resident
-  dataset by the epoch's permutation, then the train step), as `train.py` runs it; the two
-  take turns, and loop/step is the median of each loop repetition's rate over the step's before it;
+  dataset by the epoch's permutation, then the train step), as `train.py` runs it;
 - inference: `steps.eval_logits` without test-time flips (normalization, then the model in
   inference mode), as evaluation and prediction run it: in sub-batches of
-  `--inference-chunk` images (default: automatic, 32 on CPU).
-When torch is importable it runs ../shared/bench/torch_mobilenet.py for the same network in
-the same invocation (eager, and channels-last + torch.compile for inference) and prints ratios.
+  `--inference-chunk` images (default: automatic, 32 on CPU);
+- when torch is importable, the peer ../shared/bench/torch_mobilenet.py for the same network
+  (one process each round: eager, then channels-last + torch.compile for inference).
+Each figure is the median over rounds, and each ratio (loop/step, against the peer) the median
+of the ratios within a round: this VM's speed jitters by +-15% between repetitions and drifts by
+up to a third between minutes, so only measurements taken side by side compare.
 
 `--free-depthwise` replaces each depthwise conv by its centre tap (`x * w[1, 1]`, same shapes
 and strides, forward and backward by autodiff): what the step would cost if the depthwise conv
@@ -41,20 +43,30 @@ from mobilenet_jax import convolutions, input_pipeline, models, parallel, steps
 PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
 
 
-def _rates(fns, batch, steps_per_rep, repeats):
-  """Images/s of each of `fns` (name -> fn) in each of `repeats` timed runs of `steps_per_rep`
-  calls, after one warm-up run. The functions take turns run by run, so that this VM's speed
-  drifting during a measurement (by up to a third between runs) biases none of them."""
-  rates = {name: [] for name in fns}
-  for rep in range(repeats + 1):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(steps_per_rep):
-        out = fn()
-      jax.block_until_ready(out)
-      if rep:
-        rates[name].append(batch * steps_per_rep / (time.perf_counter() - start))
-  return rates
+def _timer(name, fn, batch, steps):
+  """A repetition of `steps` calls of `fn`, as {name: images/s}."""
+  def run():
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = fn()
+    jax.block_until_ready(out)
+    return {name: batch * steps / (time.perf_counter() - start)}
+  return run
+
+
+def _rounds(timers, repeats):
+  """Each of `timers` (functions returning {figure: images/s}) once per round, in turn, for
+  `repeats` rounds: {figure: [images/s of each round]}."""
+  figures = {}
+  for _ in range(repeats):
+    for timer in timers:
+      for name, rate in timer().items():
+        figures.setdefault(name, []).append(rate)
+  return figures
+
+
+def _median_ratio(numerators, denominators):
+  return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def _centre_tap(x, kernel, strides, padding):
@@ -64,7 +76,8 @@ def _centre_tap(x, kernel, strides, padding):
   return x[:, ::strides[0], ::strides[1]] * kernel[kh // 2, kw // 2, 0]
 
 
-def measure(args, stem, impl):
+def measure(args, stem, impl, peer=None):
+  """One configuration's row; `peer`: a timer (`peer_timer`) run in every round, or None."""
   config = cifar.get_config()
   config.batch_size = args.batch
   config.model.update(stem_stride=stem, alpha=args.alpha, dtype=args.dtype, conv=impl,
@@ -105,33 +118,40 @@ def measure(args, stem, impl):
   def loop_step():
     loop_state["state"], metrics = runner.train(loop_state["state"], data, perm)
     return metrics
-  with jax.transfer_guard_host_to_device("disallow"):
-    jax.block_until_ready(loop_step())
-    rates = _rates({"step": train_step, "loop": loop_step}, args.batch, args.steps, args.repeats)
-  row["train_step_img_s"] = statistics.median(rates["step"])
-  row["train_loop_img_s"] = statistics.median(rates["loop"])
-  # Each loop repetition against the step repetition just before it, so that drift cancels.
-  row["loop_vs_step"] = statistics.median(
-      loop_rate / step_rate for loop_rate, step_rate in zip(rates["loop"], rates["step"]))
 
-  # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips).
-  trained = loop_state["state"]
-  if config.parallel == "pmap":
-    trained = runner.get_state(trained)
-  variables = {"params": trained.params, "batch_stats": trained.batch_stats}
+  # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips),
+  # on a copy of the initial variables (the loop donates `state` when it first runs).
+  host_state = runner.get_state(state)
+  variables = jax.device_put({"params": host_state.params, "batch_stats": host_state.batch_stats})
   infer_model = models.create_model(config.model)
   config.inference_chunk = args.inference_chunk
-  infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))
   row["inference_chunk"] = steps.inference_chunk(config)
-  x = batch["image"]
-  row["infer_img_s"] = statistics.median(
-      _rates({"infer": lambda: infer(variables, x)}, args.batch, args.steps * 4,
-             args.repeats)["infer"])
+  infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))
+  infer_step = lambda: infer(variables, batch["image"])
+
+  timers = [_timer("train_step_img_s", train_step, args.batch, args.steps),
+            _timer("train_loop_img_s", loop_step, args.batch, args.steps),
+            _timer("infer_img_s", infer_step, args.batch, args.steps * 4)]
+  with jax.transfer_guard_host_to_device("disallow"):
+    for timer in timers:  # Warm-up: compilation, and the first calls' allocations.
+      timer()
+    rates = _rounds(timers + ([peer] if peer else []), args.repeats)
+  row.update({name: statistics.median(r) for name, r in rates.items()})
+  row["loop_vs_step"] = _median_ratio(rates["train_loop_img_s"], rates["train_step_img_s"])
+  if peer:
+    row.update(torch=peer.torch, peer_threads=peer.threads)
+    best_infer = [max(r) for r in zip(*(rates[k] for k in PEER_INFER if k in rates))]
+    row["train_ratio"] = _median_ratio(rates["train_step_img_s"], rates["peer_train_img_s"])
+    row["infer_ratio"] = _median_ratio(rates["infer_img_s"], best_infer)
   return row
 
 
-def peer(args, stem):
-  """The PyTorch peer's eager figures and its channels-last + compile inference, or None."""
+PEER_INFER = ("peer_infer_eager_img_s", "peer_infer_compiled_img_s")
+
+
+def peer_timer(args, stem):
+  """A timer that runs the PyTorch peer once (eager; then channels-last + torch.compile for
+  inference unless --no-compile), or None without torch or with --no-peer."""
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
@@ -143,12 +163,14 @@ def peer(args, stem):
                           str(args.batch), "--alpha", str(args.alpha), "--steps",
                           str(args.steps), *extra], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-  eager = run()
-  best = {"peer_train_img_s": eager["train_img_s"], "peer_infer_eager_img_s": eager["infer_img_s"],
-          "torch": eager["torch"], "peer_threads": eager["threads"]}
-  if not args.no_compile:
-    best["peer_infer_compiled_img_s"] = run("--channels-last", "--compile")["infer_img_s"]
-  return best
+  def timer():
+    eager = run()
+    timer.torch, timer.threads = eager["torch"], eager["threads"]
+    rates = {"peer_train_img_s": eager["train_img_s"], PEER_INFER[0]: eager["infer_img_s"]}
+    if not args.no_compile:
+      rates[PEER_INFER[1]] = run("--channels-last", "--compile")["infer_img_s"]
+    return rates
+  return timer
 
 
 def main():
@@ -162,7 +184,8 @@ def main():
   p.add_argument("--inference-chunk", type=int, default=None,
                  help="images per inference sub-batch (default: automatic, 32 on CPU; 0: none)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
-  p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="timed rounds (medians reported; the peer runs once per round)")
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
   p.add_argument("--no-compile", action="store_true", help="skip the peer's torch.compile run")
   p.add_argument("--json", action="store_true", help="one JSON line per configuration")
@@ -177,15 +200,8 @@ def main():
 
   rows = []
   for stem in args.stem:
-    reference = peer(args, stem)
     for impl in args.conv:
-      row = measure(args, stem, impl)
-      if reference:
-        row.update(reference)
-        best_infer = max(reference["peer_infer_eager_img_s"],
-                         reference.get("peer_infer_compiled_img_s", 0))
-        row["train_ratio"] = row["train_step_img_s"] / reference["peer_train_img_s"]
-        row["infer_ratio"] = row["infer_img_s"] / best_infer
+      row = measure(args, stem, impl, peer_timer(args, stem))
       rows.append(row)
       if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
