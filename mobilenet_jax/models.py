@@ -112,6 +112,14 @@ class MobileNetV1(nn.Module):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def largest_activation_bytes(model_config, image_size: int) -> int:
+  """Bytes per image of the network's largest activation: block 1's output (64 * alpha channels
+  at the stem's resolution; every later stride halves the side and at most doubles the width)."""
+  side = -(-image_size // model_config.stem_stride)
+  channels = max(1, int(BLOCKS[0][0] * model_config.alpha))
+  return side * side * channels * jnp.dtype(DTYPES[model_config.dtype]).itemsize
+
+
 def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
   """Builds the model from `config.model` (alpha, stem_stride, shallow, use_bias, ...)."""
   if model_config.alpha <= 0:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mobilenet_jax import input_pipeline
+from mobilenet_jax import input_pipeline, models
 
 
 class TrainState(train_state.TrainState):
@@ -93,17 +93,24 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   return state, metrics
 
 
-# Images per inference sub-batch on CPU: each layer's activations for 32 images fit in cache,
-# while a whole batch's (128 x 32 x 32 x 64 floats = 32 MiB) make every pass go to memory;
-# the stride-1 layout infers ~1.4x faster, the stride-2 one ~1.5x (README, Speed).
-CPU_INFERENCE_CHUNK = 32
+# Inference sub-batches on CPU (evaluation, predict): as many images as keep the largest
+# activation within 8 MiB, so that each layer's input and output stay in the L3 cache (32 MiB
+# here) instead of every BatchNorm, ReLU and pad pass going to memory; and at most 64, since
+# whole batches of the stride-2 network (8 MiB) ran 2-6% slower than halves (docs/speed.md).
+CPU_INFERENCE_BYTES = 8 << 20
+CPU_INFERENCE_MAX_CHUNK = 64
 
 
 def inference_chunk(config, backend: str | None = None) -> int:
-  """`config.inference_chunk`, with None (auto) resolved: 32 on CPU, 0 (whole batch) elsewhere."""
+  """`config.inference_chunk`, with None (auto) resolved: on CPU the largest power of two that
+  fits `CPU_INFERENCE_BYTES` (at most 64 images), elsewhere 0 (the whole batch at once)."""
   chunk = config.inference_chunk
   if chunk is None:
-    return CPU_INFERENCE_CHUNK if (backend or jax.default_backend()) == "cpu" else 0
+    if (backend or jax.default_backend()) != "cpu":
+      return 0
+    fit = max(1, CPU_INFERENCE_BYTES // models.largest_activation_bytes(config.model,
+                                                                         config.image_size))
+    return min(CPU_INFERENCE_MAX_CHUNK, 1 << (fit.bit_length() - 1))
   if chunk < 0:
     raise ValueError(f"config.inference_chunk={chunk}: expected a number of images >= 1, "
                      "0 (the whole batch at once) or None (automatic).")

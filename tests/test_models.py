@@ -186,3 +186,16 @@ def test_summary_cli_prints_table_then_params_and_macs():
   expected = count(stem_stride=1, alpha=0.5)
   assert out[-2:] == [f"params: {expected.params}", f"macs: {expected.macs}"]
   assert any(line.startswith("block13/pointwise/conv") for line in out)
+
+
+@pytest.mark.parametrize("stem_stride, alpha, shallow, image_size, dtype", [
+    (1, 1.0, False, 32, "float32"), (2, 1.5, True, 32, "float32"), (2, 0.25, False, 40, "float32"),
+    (1, 0.75, True, 24, "bfloat16"), (2, 1.0, False, 224, "float32")])
+def test_largest_activation_is_the_largest_layer_output(stem_stride, alpha, shallow, image_size,
+                                                          dtype):
+  config = ml_collections.ConfigDict({"stem_stride": stem_stride, "alpha": alpha, "dtype": dtype})
+  model = models.MobileNetV1(alpha=alpha, stem_stride=stem_stride, shallow=shallow)
+  layers = summary.summarize(model, image_size).layers
+  largest = max(np.prod(layer.output_shape) for layer in layers)
+  itemsize = jnp.dtype(models.DTYPES[dtype]).itemsize
+  assert models.largest_activation_bytes(config, image_size) == largest * itemsize

@@ -141,10 +141,26 @@ def test_chunked_inference_equals_whole_batch_inference(smoke_config):
 
 def test_inference_chunk_is_automatic_per_backend(smoke_config):
   assert smoke_config.inference_chunk is None
-  assert steps.inference_chunk(smoke_config, "cpu") == steps.CPU_INFERENCE_CHUNK
   assert steps.inference_chunk(smoke_config, "gpu") == 0
   smoke_config.inference_chunk = 8
   assert steps.inference_chunk(smoke_config, "gpu") == 8
+  assert steps.inference_chunk(smoke_config, "cpu") == 8
+
+
+@pytest.mark.parametrize("preset, overrides, chunk", [
+    ("torch", {}, 32),  # Block 1's output: 32x32x64 floats, 256 KiB an image; 8 MiB hold 32.
+    ("torch", {"model.alpha": 0.5}, 64),  # 128 KiB: 64.
+    ("torch", {"model.dtype": "bfloat16"}, 64),  # Half the bytes.
+    ("quick", {}, 64),  # Stride 2, width 1.5: 16x16x96 floats, 96 KiB: 85 fit, so 64.
+    (None, {}, 64),  # 64 KiB: 128 fit, capped at 64.
+    (None, {"image_size": 224}, 2),  # 112x112x64 floats, 3.1 MiB: 2.
+    (None, {"image_size": 1024}, 1),  # 32 MiB: one image at a time.
+])
+def test_cpu_inference_chunk_keeps_the_largest_activation_within_8_mib(preset, overrides, chunk):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  config = cifar.get_config(preset)
+  config.update_from_flattened_dict(overrides)
+  assert steps.inference_chunk(config, "cpu") == chunk
 
 
 def test_batchnorm_statistics_update_in_train_mode(smoke_config):
