@@ -66,8 +66,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.parallel = "jit"          # 'jit' (sharded over a device mesh) | 'pmap'
   c.distributed = False       # Call jax.distributed.initialize() (multi-host).
   c.seed = 0
-  # Images per inference sub-batch (evaluation, prediction): None = automatic (32 on CPU, where
-  # it keeps activations in cache; the whole batch elsewhere), 0 = the whole batch.
+  # Images per inference sub-batch (evaluation, prediction): None = automatic (on CPU as many
+  # as keep the largest activation within 8 MiB of cache, at most 64: 32 for the stride-1
+  # layout, 64 for stride 2; the whole batch elsewhere), 0 = the whole batch.
   c.inference_chunk = ml_collections.config_dict.placeholder(int)
   c.eval_every_epochs = 1
   c.checkpoint_every_epochs = 1
