@@ -10,7 +10,7 @@ For each configuration it times, after warm-up, several rounds of
   dataset by the epoch's permutation, then the train step), as `train.py` runs it;
 - inference: `steps.eval_logits` without test-time flips (normalization, then the model in
   inference mode), as evaluation and prediction run it: in sub-batches of
-  `--inference-chunk` images (default: automatic, 32 on CPU);
+  `--inference-chunk` images (default: automatic, `steps.inference_chunk`);
 - when torch is importable, the peer ../shared/bench/torch_mobilenet.py for the same network
   (one process each round: eager, then channels-last + torch.compile for inference).
 Each figure is the median over rounds, and each ratio (loop/step, against the peer) the median
@@ -182,7 +182,8 @@ def main():
   p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
   p.add_argument("--conv", nargs="+", default=["auto"], choices=convolutions.IMPLEMENTATIONS)
   p.add_argument("--inference-chunk", type=int, default=None,
-                 help="images per inference sub-batch (default: automatic, 32 on CPU; 0: none)")
+                 help="images per inference sub-batch (default: automatic, see "
+                      "steps.inference_chunk; 0: none)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
   p.add_argument("--repeats", type=int, default=5,
                  help="timed rounds (medians reported; the peer runs once per round)")

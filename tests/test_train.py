@@ -152,9 +152,9 @@ def test_inference_chunk_is_automatic_per_backend(smoke_config):
     ("torch", {"model.alpha": 0.5}, 64),  # 128 KiB: 64.
     ("torch", {"model.dtype": "bfloat16"}, 64),  # Half the bytes.
     ("quick", {}, 64),  # Stride 2, width 1.5: 16x16x96 floats, 96 KiB: 85 fit, so 64.
-    (None, {}, 64),  # 64 KiB: 128 fit, capped at 64.
-    (None, {"image_size": 224}, 2),  # 112x112x64 floats, 3.1 MiB: 2.
-    (None, {"image_size": 1024}, 1),  # 32 MiB: one image at a time.
+    ("", {}, 64),  # 64 KiB: 128 fit, capped at 64.
+    ("", {"image_size": 224}, 2),  # 112x112x64 floats, 3.1 MiB: 2.
+    ("", {"image_size": 1024}, 1),  # 64 MiB: one image at a time.
 ])
 def test_cpu_inference_chunk_keeps_the_largest_activation_within_8_mib(preset, overrides, chunk):
   from configs import cifar  # pylint: disable=g-import-not-at-top
