@@ -41,6 +41,8 @@ from configs import cifar  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import convolutions, input_pipeline, models, parallel, steps
 
 PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
+# The peer's inference figures; the best of them in each round is the one compared.
+PEER_INFER = ("peer_infer_eager_img_s", "peer_infer_compiled_img_s")
 
 
 def _timer(name, fn, batch, steps):
@@ -144,9 +146,6 @@ def measure(args, stem, impl, peer=None):
     row["train_ratio"] = _median_ratio(rates["train_step_img_s"], rates["peer_train_img_s"])
     row["infer_ratio"] = _median_ratio(rates["infer_img_s"], best_infer)
   return row
-
-
-PEER_INFER = ("peer_infer_eager_img_s", "peer_infer_compiled_img_s")
 
 
 def peer_timer(args, stem):
