@@ -19,9 +19,14 @@ up to a third between minutes, so only measurements taken side by side compare.
 
 `--free-depthwise` replaces each depthwise conv by its centre tap (`x * w[1, 1]`, same shapes
 and strides, forward and backward by autodiff): what the step would cost if the depthwise conv
-took no time, the most a faster depthwise kernel could gain.
+took no time, the most a faster depthwise kernel could gain. `--free-depthwise-and-norm` goes
+further: the depthwise conv becomes a strided slice and BatchNorm the identity, so that only the
+matrix products (the stem's im2col, the pointwise convs and the head) and the ReLUs remain, the
+least work an inference pass can do (BatchNorm folds into the weights). (Without the ReLUs XLA
+fuses consecutive matrix products into one YNNPACK call that runs several times slower.)
 """
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -33,7 +38,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # pylint: disable=g-import-not-at-top
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -78,6 +84,32 @@ def _centre_tap(x, kernel, strides, padding):
   return x[:, ::strides[0], ::strides[1]] * kernel[kh // 2, kw // 2, 0]
 
 
+def _strided_slice(x, kernel, strides, padding):
+  """The depthwise conv's output shape with no arithmetic (stride 1: `x` itself)."""
+  del kernel, padding
+  return x[:, ::strides[0], ::strides[1]]
+
+
+class _NoNorm(nn.BatchNorm):
+  """BatchNorm's variables (so the train step runs unchanged), none of its arithmetic."""
+
+  @nn.compact
+  def __call__(self, x, *args, **kwargs):
+    del args, kwargs
+    self.variable("batch_stats", "mean", jnp.zeros, (x.shape[-1],))
+    return x
+
+
+def _free_depthwise_and_norm():
+  """Patches the model down to its matrix products and ReLUs (`--free-depthwise-and-norm`)."""
+  convolutions.depthwise = _strided_slice
+  conv_and_norm = models.conv_and_norm
+  def matmul_layers(*args, **kwargs):
+    conv, norm = conv_and_norm(*args, **kwargs)
+    return conv, functools.partial(_NoNorm, **norm.keywords)
+  models.conv_and_norm = matmul_layers
+
+
 def measure(args, stem, impl, peer=None):
   """One configuration's row; `peer`: a timer (`peer_timer`) run in every round, or None."""
   config = cifar.get_config()
@@ -98,6 +130,8 @@ def measure(args, stem, impl, peer=None):
          "backend": jax.default_backend(), "devices": jax.device_count()}
   if args.free_depthwise:
     row["conv"] += " (free depthwise)"
+  if args.free_depthwise_and_norm:
+    row["conv"] += " (free depthwise and BN)"
 
   # The bare train step on one fixed device batch.
   batch = {"image": jnp.asarray(split.images[:args.batch]),
@@ -191,12 +225,21 @@ def main():
   p.add_argument("--json", action="store_true", help="one JSON line per configuration")
   p.add_argument("--free-depthwise", action="store_true",
                  help="replace the depthwise conv by its centre tap (an upper bound, see above)")
+  p.add_argument("--free-depthwise-and-norm", action="store_true",
+                 help="drop the depthwise convs and BatchNorm (an upper bound, see above)")
   args = p.parse_args()
+  bounds = [flag for flag, on in (("--free-depthwise", args.free_depthwise),
+                                  ("--free-depthwise-and-norm", args.free_depthwise_and_norm))
+            if on]
+  if len(bounds) > 1:
+    p.error("--free-depthwise and --free-depthwise-and-norm are two bounds: choose one.")
+  if bounds and any(convolutions.resolve(impl) != "shifted" for impl in args.conv):
+    p.error(f"{bounds[0]} replaces the shifted depthwise conv: use it with --conv shifted "
+            "(or auto on CPU).")
   if args.free_depthwise:
-    if any(convolutions.resolve(impl) != "shifted" for impl in args.conv):
-      p.error("--free-depthwise replaces the shifted depthwise conv: use it with --conv shifted "
-              "(or auto on CPU).")
     convolutions.depthwise = _centre_tap
+  if args.free_depthwise_and_norm:
+    _free_depthwise_and_norm()
 
   rows = []
   for stem in args.stem:
