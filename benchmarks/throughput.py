@@ -104,10 +104,10 @@ def _free_depthwise_and_norm():
   """Patches the model down to its matrix products and ReLUs (`--free-depthwise-and-norm`)."""
   convolutions.depthwise = _strided_slice
   conv_and_norm = models.conv_and_norm
-  def matmul_layers(*args, **kwargs):
+  def conv_and_no_norm(*args, **kwargs):
     conv, norm = conv_and_norm(*args, **kwargs)
     return conv, functools.partial(_NoNorm, **norm.keywords)
-  models.conv_and_norm = matmul_layers
+  models.conv_and_norm = conv_and_no_norm
 
 
 def measure(args, stem, impl, peer=None):
