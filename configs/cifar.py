@@ -2,7 +2,7 @@ r"""MobileNetV1 on CIFAR-10: the Keras reference recipe and its presets.
 
   python run.py --config=configs/cifar.py --workdir=/tmp/mobilenet       # Keras recipe
   python run.py --config=configs/cifar.py:torch --workdir=...            # PyTorch layout
-  python run.py --config=configs/cifar.py:quick --workdir=...            # 31-47 min on 2 CPU cores
+  python run.py --config=configs/cifar.py:quick --workdir=...            # 31-48 min on 2 CPU cores
   python run.py --config=configs/cifar.py:smoke --workdir=...            # seconds, for tests
 
 Any field can be overridden: `--config.num_epochs=1 --config.model.alpha=0.5`.
@@ -80,14 +80,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.model.use_bias = False
     c.model.kernel_init = "torch"
   elif preset == "quick":
-    # 31-47 minutes on 2 CPU cores (README, Results): the Keras layout, whose stride-2
+    # 31-48 minutes on 2 CPU cores (README, Results): the Keras layout, whose stride-2
     # stem makes an epoch ~4x cheaper than the PyTorch layout's, in its shallow form: without the
     # five 512-wide blocks at 2x2 an epoch is 1.3-1.6x cheaper again and the network learns no
     # slower per epoch (77.5% against 74.8% after 15). At this budget width beats epochs up to
     # 1.5: width 1.0 fits 38 epochs (86.00-86.40%), 0.75 47 (83.92%), 1.5 32 on a fast day
     # (86.67-87.36%); 1.75 (27-30 epochs, 86.61-87.45%) and 34 epochs at 1.5 (87.35%) gain nothing
-    # more, 2.0 (18 epochs, 85.60%) loses. 28 epochs, so that slow days fit 45 minutes: at 572
-    # images/s, 30 took 46.8 (28 took 42.7-43.8 at 570-584, but 46.8 at 537, the slowest yet).
+    # more, 2.0 (18 epochs, 85.60%) loses. 28 epochs, so that most days fit 45 minutes: at 572
+    # images/s, 30 took 46.8; 28 took 42.7-43.8 at 570-584, but 46.8 and 47.5 on the slowest days
+    # (537 and 525).
     # One warm-up epoch at 0.016, then 0.08 (0.05 and 0.12 did worse at width 1.0), then a
     # staircase down to 0.0012: with two 10x decays test accuracy levelled off ~3 epochs after
     # each, so the rate steps down more often, by less.
