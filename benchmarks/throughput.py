@@ -223,18 +223,17 @@ def main():
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
   p.add_argument("--no-compile", action="store_true", help="skip the peer's torch.compile run")
   p.add_argument("--json", action="store_true", help="one JSON line per configuration")
-  p.add_argument("--free-depthwise", action="store_true",
-                 help="replace the depthwise conv by its centre tap (an upper bound, see above)")
-  p.add_argument("--free-depthwise-and-norm", action="store_true",
-                 help="drop the depthwise convs and BatchNorm (an upper bound, see above)")
+  bounds = p.add_mutually_exclusive_group()  # Two upper bounds, one at a time.
+  bounds.add_argument("--free-depthwise", action="store_true",
+                      help="replace the depthwise conv by its centre tap (an upper bound, "
+                           "see above)")
+  bounds.add_argument("--free-depthwise-and-norm", action="store_true",
+                      help="drop the depthwise convs and BatchNorm (an upper bound, see above)")
   args = p.parse_args()
-  bounds = [flag for flag, on in (("--free-depthwise", args.free_depthwise),
-                                  ("--free-depthwise-and-norm", args.free_depthwise_and_norm))
-            if on]
-  if len(bounds) > 1:
-    p.error("--free-depthwise and --free-depthwise-and-norm are two bounds: choose one.")
-  if bounds and any(convolutions.resolve(impl) != "shifted" for impl in args.conv):
-    p.error(f"{bounds[0]} replaces the shifted depthwise conv: use it with --conv shifted "
+  bound = ("--free-depthwise" if args.free_depthwise else
+           "--free-depthwise-and-norm" if args.free_depthwise_and_norm else None)
+  if bound and any(convolutions.resolve(impl) != "shifted" for impl in args.conv):
+    p.error(f"{bound} replaces the shifted depthwise conv: use it with --conv shifted "
             "(or auto on CPU).")
   if args.free_depthwise:
     convolutions.depthwise = _centre_tap

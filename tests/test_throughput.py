@@ -94,4 +94,5 @@ def test_the_two_bounds_exclude_each_other(monkeypatch, capsys):
                       ["throughput.py", "--free-depthwise", "--free-depthwise-and-norm"])
   with pytest.raises(SystemExit):
     throughput.main()
-  assert "choose one" in capsys.readouterr().err
+  assert "--free-depthwise-and-norm: not allowed with argument --free-depthwise" in (
+      capsys.readouterr().err)
