@@ -9,7 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads the 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from mobilenet_jax import train  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import multihost, train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None,
@@ -23,12 +24,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every step of a save at INFO.
-  if FLAGS.config.mode == "eval":
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.config.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    raise app.UsageError(f"--config.mode={FLAGS.config.mode!r}: expected 'train' or 'eval'.")
+  config = FLAGS.config
+  if config.mode not in ("train", "eval"):
+    raise app.UsageError(f"--config.mode={config.mode!r}: expected 'train' or 'eval'.")
+  multihost.initialize(config)
+  try:
+    multihost.check_same_config(config)
+    if config.mode == "eval":
+      train.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+      train.train_and_evaluate(config, FLAGS.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    multihost.exit_after_failure(e, os.path.join(FLAGS.workdir, "checkpoints"))
 
 
 if __name__ == "__main__":

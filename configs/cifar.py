@@ -64,7 +64,14 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Execution.
   c.parallel = "jit"          # 'jit' (sharded over a device mesh) | 'pmap'
-  c.distributed = False       # Call jax.distributed.initialize() (multi-host).
+  # Multi-host (README, Multi-host): one process per host, the same command on each.
+  c.distributed = False       # Connect the processes with jax.distributed.initialize().
+  # Unset: $JAX_COORDINATOR_ADDRESS, then JAX's detection (SLURM, Open MPI, Cloud TPU, Kubernetes).
+  c.coordinator_address = ml_collections.config_dict.placeholder(str)  # 'host:port' of process 0
+  c.num_processes = ml_collections.config_dict.placeholder(int)
+  c.process_id = ml_collections.config_dict.placeholder(int)
+  c.distributed_timeout_s = 300  # To connect, and to exchange configs: then an error.
+  c.heartbeat_timeout_s = 60     # A process silent this long is dead: all the others stop.
   c.seed = 0
   # Images per inference sub-batch (evaluation, prediction): None = automatic (on CPU as many
   # as keep the largest activation within 8 MiB of cache, at most 64: 32 for the stride-1

@@ -1,11 +1,40 @@
 """Orbax checkpoints of the TrainState in `workdir/checkpoints`, with automatic resume."""
 import os
+import sys
 
+from absl import logging
+from etils import epath
 import flax
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
-from mobilenet_jax import models, steps
+from mobilenet_jax import models, multihost, steps
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint's files cannot be read."""
+
+
+def _path(keys) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def _silence_abandoned_reads() -> None:
+  """Drops the "Event loop is closed" errors of a failed restore's abandoned reads.
+
+  When one array of a checkpoint cannot be read, orbax's restore fails at once
+  and closes its event loop while tensorstore still reads the others; each of
+  those then reports, from tensorstore's threads, that it found the loop closed
+  (hundreds of tracebacks that say nothing about the checkpoint).
+  """
+  def hook(unraisable, previous=sys.unraisablehook):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  if getattr(sys.unraisablehook, "__name__", "") != hook.__name__:
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -13,6 +42,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    _silence_abandoned_reads()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -28,19 +58,82 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
 
   def restore(self, template):
-    """The latest checkpoint into `template`'s structure, or `template` if there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return template
+    """The newest readable checkpoint into `template`'s structure, or `template` if there is none.
+
+    A checkpoint whose files cannot be read (truncated by a full disk or a partial
+    copy, or missing) is logged, moved aside as `STEP.damaged` for inspection, and
+    the next older one is tried. A readable checkpoint of another model or optimizer
+    is an error, not damage: older ones were written with the same config.
+    """
     target = flax.serialization.to_state_dict(template)
+    damaged = {}
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self._restore(step, target)
+      except DamagedCheckpointError as e:
+        logging.warning("The checkpoint at step %d in %s is damaged, trying an older one: %s",
+                        step, self.directory, e)
+        damaged[step] = e
+        continue
+      self._agree_on(step)
+      self._set_aside(damaged)
+      return flax.serialization.from_state_dict(template, restored)
+    if damaged:
+      raise DamagedCheckpointError(
+          f"No checkpoint in {self.directory} can be read (steps "
+          f"{', '.join(map(str, damaged))}; see the lines above for why): restore them from a "
+          "backup, or move them away to train from scratch.")
+    return template
+
+  def _restore(self, step, target):
+    """Step `step`'s state dict; `DamagedCheckpointError` if its files cannot be read."""
     try:
-      restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    except (ValueError, KeyError) as e:
+      stored = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "default").tree
+      stored = {_path(k): tuple(m.shape) for k, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(multihost.first_line(e)) from e
+    expected = {_path(k): tuple(jax.numpy.shape(v))
+                for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    if stored != expected:
+      differ = sorted(k for k in stored.keys() | expected.keys()
+                      if stored.get(k) != expected.get(k))
       raise ValueError(
           f"The checkpoint at step {step} in {self.directory} does not fit the configured model "
-          "or optimizer: it was written with another config. Rerun with the config it was "
-          "trained with (config.json beside it) or use a new --workdir.") from e
-    return flax.serialization.from_state_dict(template, restored)
+          f"or optimizer ({len(differ)} arrays differ, e.g. {differ[0]}: stored "
+          f"{stored.get(differ[0])}, configured {expected.get(differ[0])}): it was written "
+          "with another config. Rerun with the config it was trained with (config.json beside "
+          "it) or use a new --workdir.")
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(multihost.first_line(e)) from e
+
+  @staticmethod
+  def _agree_on(step):
+    """Every process must resume from the same step, or their replicas would silently differ."""
+    steps_read = multihost_utils.process_allgather(np.int64(step))
+    if len(set(np.ravel(steps_read).tolist())) != 1:
+      raise DamagedCheckpointError(
+          f"The processes restored different checkpoints (steps {np.ravel(steps_read).tolist()}): "
+          "they do not see the same files. Give them one shared --workdir.")
+
+  def _set_aside(self, damaged):
+    """Process 0 renames the damaged checkpoints once every process has tried them."""
+    if not damaged:
+      return
+    multihost_utils.sync_global_devices("mobilenet_jax: damaged checkpoints read")
+    if jax.process_index() == 0:
+      for step in damaged:
+        source = os.path.join(self.directory, str(step))
+        aside, n = f"{source}.damaged", 1
+        while os.path.exists(aside):
+          n += 1
+          aside = f"{source}.damaged{n}"
+        os.rename(source, aside)
+        logging.warning("Moved the damaged checkpoint to %s.", aside)
+    multihost_utils.sync_global_devices("mobilenet_jax: damaged checkpoints moved")
+    self.manager.reload()
 
   def close(self):
     self.manager.close()

@@ -56,9 +56,10 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError(f"config.image_size={config.image_size}: must be >= {MIN_IMAGE_SIZE} "
                      "(MobileNetV1 downsamples by 16 or 32).")
   if config.batch_size <= 0 or config.batch_size % num_devices:
+    processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
     raise ValueError(
         f"config.batch_size={config.batch_size} must be a positive multiple of the "
-        f"{num_devices} devices; use e.g. --config.batch_size="
+        f"{num_devices} devices{processes}; use e.g. --config.batch_size="
         f"{max(1, round(config.batch_size / num_devices)) * num_devices}.")
   if config.alternate_flips and "flip" not in config.augment:
     raise ValueError(f"config.alternate_flips=True with config.augment={config.augment!r}: "

@@ -12,6 +12,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
@@ -49,7 +50,8 @@ def check_config(config, workdir: str) -> None:
   steps.inference_chunk(config)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: processes of a multi-host run share the workdir.
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w", encoding="utf-8"):
       pass
     os.remove(probe)
@@ -59,24 +61,41 @@ def check_config(config, workdir: str) -> None:
 
 
 class _StopRequested:
-  """Turns SIGTERM into a flag the loop checks after each step (then saves and exits)."""
+  """SIGTERM (preemption) as a flag that the loop checks after each step, then saves and exits.
+
+  With several processes, JAX's preemption sync manager owns SIGTERM: any
+  process's notice reaches all, and they agree on the step at which every one
+  stops, so that all save the same checkpoint.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multihost = jax.process_count() > 1
+    if not self._multihost:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
+  def check(self, step: int) -> bool:
+    """Called once per step, after it: whether to stop now."""
+    if self._multihost and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multihost:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains, evaluates and checkpoints in `workdir`; returns the final results dict."""
-  if config.distributed:
-    jax.distributed.initialize()
+  """Trains, evaluates and checkpoints in `workdir`; returns the final results dict.
+
+  With several processes (`multihost`), every process runs this with the same
+  config; only process 0 writes the workdir's files (checkpoints go through
+  orbax, which coordinates the processes itself).
+  """
   check_config(config, workdir)
   start = time.time()
   chief = jax.process_index() == 0
@@ -129,6 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             jax.block_until_ready(metrics)
             t0, timed_from = time.time(), step
           bar.update(1)
+          stop.check(step)
           if step % 50 == 0:
             loss = float(runner.metrics(metrics)["loss"]) / config.batch_size
             bar.set_postfix(loss=f"{loss:.3f}")

@@ -34,9 +34,21 @@ def smoke_config():
   return config
 
 
+def _mocked_command(args, env):
+  return ([sys.executable, str(ROOT / "tests" / "mock_run.py"), *args],
+          {**os.environ, **(env or {})})
+
+
 def run_mocked(*args, env=None, timeout=600):
   """Runs `run.py` in a fresh process on tfds mock data; returns the CompletedProcess."""
-  cmd = [sys.executable, str(ROOT / "tests" / "mock_run.py"), *args]
-  full_env = {**os.environ, **(env or {})}
+  cmd, full_env = _mocked_command(args, env)
   return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout, check=False)
+
+
+def start_mocked(*args, log, env=None):
+  """Starts `run.py` on tfds mock data in the background, its stdout and stderr to the file
+  `log` (a pipe left unread would fill and block it); returns the Popen."""
+  cmd, full_env = _mocked_command(args, env)
+  with open(log, "w", encoding="utf-8") as out:
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

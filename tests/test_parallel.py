@@ -16,9 +16,11 @@ from test_train import _final_params
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 # Batch sums run in a different order on 8 devices, so float32 results differ by ~1e-7 after
-# 3 steps (6e-8 measured). The shallow 32x32 stem-stride-1 network is used because the
-# 16x16 smoke network, whose last feature maps are 1x1 with batch 16, has exploding gradients
-# at init and amplifies that rounding noise by ~10x per step.
+# one step. The shallow 32x32 stem-stride-1 network is used because the 16x16 smoke network,
+# whose last feature maps are 1x1 with batch 16, has exploding gradients at init and amplifies
+# that rounding noise by ~10x per step. Even this one, with alternating flips and cutout,
+# amplified it ~100x in the third step on one machine (1e-7, 6e-7, 6e-5 after steps 1-3), so
+# the runs stop after two.
 RTOL, ATOL = 1e-5, 1e-6
 WELL_CONDITIONED = ["--config.model.shallow=True", "--config.image_size=32",
                     "--config.model.stem_stride=1"]
@@ -26,7 +28,7 @@ WELL_CONDITIONED = ["--config.model.shallow=True", "--config.image_size=32",
 
 def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   common = ["--config=configs/cifar.py:smoke", "--config.download=False", "--config.num_epochs=1",
-            "--config.train_examples=48", "--config.progress_bar=False",
+            "--config.train_examples=32", "--config.progress_bar=False",
             "--config.inference_chunk=8",
             "--config.eval_flip=True", "--config.eval_shift=2", "--config.alternate_flips=True",
             "--config.cutout=8", *WELL_CONDITIONED]
@@ -44,9 +46,9 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
     assert results[name]["test_examples"] == results["one"]["test_examples"] == 40
     np.testing.assert_allclose(results[name]["test_loss"], results["one"]["test_loss"], rtol=RTOL)
   ref, ref_step = _final_params(tmp_path / "one", config)
-  assert ref_step == 3
+  assert ref_step == 2
   for name in ("jit8", "pmap8"):
     params, step = _final_params(tmp_path / name, config)
-    assert step == 3
+    assert step == 2
     for a, b in zip(params, ref):
       np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)

@@ -1,0 +1,192 @@
+"""Multi-host: two processes with one CPU device each, on localhost with gloo collectives.
+
+They must train exactly as one process with two devices, write the shared workdir
+once, stop together when one dies, resume from the last checkpoint, and turn
+mismatched configs and an absent coordinator into clear, bounded errors.
+"""
+import json
+import os
+import signal
+import re
+import socket
+import subprocess
+import time
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import run_mocked, start_mocked
+from mobilenet_jax import checkpoints, models, steps
+
+REFERENCE_EPOCHS = 12
+# The well-conditioned network of test_parallel.py (the 16x16 smoke one amplifies rounding).
+COMMON = ["--config=configs/cifar.py:smoke", "--config.download=False",
+          "--config.progress_bar=False", "--config.model.shallow=True", "--config.image_size=32",
+          "--config.model.stem_stride=1", "--config.keep_checkpoints=100",
+          "--config.heartbeat_timeout_s=10", "--config.distributed_timeout_s=30"]
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+ONE_DEVICE = {"XLA_FLAGS": ""}
+# pmap reduces the gradients in another order than jit: float32 rounding after 4 steps.
+RTOL, ATOL = 1e-5, 1e-6
+BOUND_S = 60  # A survivor or a misconfigured process must be gone within this.
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, *args, num_processes=2, process_ids=None, per_process=None):
+  """Starts the processes of one run (`process_ids`: only these); `per_process[i]`: extra flags
+  of process i. Returns (Popen, log path) pairs."""
+  port = _free_port()
+  runs = []
+  for i in range(num_processes) if process_ids is None else process_ids:
+    log = f"{workdir}.{port}.{i}.log"  # One per launch: a rerun keeps the first's.
+    runs.append((start_mocked(*COMMON, f"--workdir={workdir}", "--config.distributed=True",
+                              f"--config.coordinator_address=localhost:{port}",
+                              f"--config.num_processes={num_processes}",
+                              f"--config.process_id={i}", *args,
+                              *(per_process[i] if per_process else []), log=log, env=ONE_DEVICE),
+                 log))
+  return runs
+
+
+def _wait(runs, timeout):
+  """Each process's exit code ('timeout': killed after `timeout` s in all) and output."""
+  deadline = time.time() + timeout
+  codes = []
+  for proc, _ in runs:
+    try:
+      codes.append(proc.wait(timeout=max(1, deadline - time.time())))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      codes.append("timeout")
+  return codes, [open(log, encoding="utf-8").read() for _, log in runs]
+
+
+def _wait_for_checkpoint(runs, workdir, step, timeout=100):
+  """Returns once the running processes have saved the checkpoint at `step`."""
+  deadline = time.time() + timeout
+  while not (workdir / "checkpoints" / str(step)).exists():
+    assert all(proc.poll() is None for proc, _ in runs) and time.time() < deadline
+    time.sleep(0.05)
+
+
+def _state_at(workdir, step):
+  """The TrainState (params, batch_stats, ...) of the checkpoint at `step` in `workdir`."""
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  config = cifar.get_config("smoke")
+  config.model.update(shallow=True, stem_stride=1)
+  template = steps.create_train_state(models.create_model(config.model),
+                                      steps.create_optimizer(config, 4), jax.random.key(0), 32)
+  manager = checkpoints.Checkpointer(str(workdir), 100).manager
+  restored = manager.restore(step, args=ocp.args.StandardRestore(
+      flax.serialization.to_state_dict(template)))
+  manager.close()
+  return flax.serialization.from_state_dict(template, restored)
+
+
+def _assert_states_equal(a, b, **tolerance):
+  for name in ("params", "batch_stats"):
+    for x, y in zip(jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))):
+      if tolerance:
+        np.testing.assert_allclose(x, y, err_msg=name, **tolerance)
+      else:
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One process with two devices, every epoch's checkpoint and test metrics kept."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  result = run_mocked(*COMMON, f"--workdir={workdir}", f"--config.num_epochs={REFERENCE_EPOCHS}",
+                      env=TWO_DEVICES)
+  assert result.returncode == 0, result.stderr[-3000:]
+  test_loss = {r["epoch"]: r["test_loss"] for r in
+               map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+  return workdir, test_loss
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_two_processes_train_as_one_process_with_two_devices(reference, tmp_path, parallel):
+  ref_dir, ref_test_loss = reference
+  workdir = tmp_path / "run"
+  codes, logs = _wait(_start(workdir, "--config.num_epochs=1", f"--config.parallel={parallel}"),
+                      timeout=110)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  tolerance = {} if parallel == "jit" else {"rtol": RTOL, "atol": ATOL}
+  _assert_states_equal(_state_at(workdir, 4), _state_at(ref_dir, 4), **tolerance)
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["test_examples"] == 40
+  np.testing.assert_allclose(results["test_loss"], ref_test_loss[1], rtol=RTOL if tolerance else 0)
+  # Process 0 alone wrote the shared files, each once and whole.
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
+  assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 1
+  assert json.loads((workdir / "config.json").read_text())["parallel"] == parallel
+  assert len(json.loads((workdir / "label_names.json").read_text())) == 10
+  assert not [f for f in os.listdir(workdir) if f.startswith(".write_test")]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+
+
+def test_a_killed_process_stops_the_other_and_both_resume_as_a_straight_run(reference, tmp_path):
+  ref_dir, _ = reference
+  workdir = tmp_path / "run"
+  runs = _start(workdir, "--config.num_epochs=1000")
+  _wait_for_checkpoint(runs, workdir, 8)
+  runs[1][0].send_signal(signal.SIGKILL)
+  killed_at = time.time()
+  codes, logs = _wait(runs, timeout=BOUND_S)
+  assert codes[0] not in (0, "timeout"), logs[0][-3000:]
+  assert time.time() - killed_at < BOUND_S
+  assert "Process 0 of 2 stopped" in logs[0] and "Rerun all processes" in logs[0], logs[0][-3000:]
+
+  last = checkpoints.Checkpointer(str(workdir), 100).latest_step()
+  epochs = last // 4 + 1
+  assert 2 <= epochs <= REFERENCE_EPOCHS, last
+  codes, logs = _wait(_start(workdir, f"--config.num_epochs={epochs}"), timeout=110)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  assert f"Resuming from the checkpoint at step {last}" in logs[0]
+  _assert_states_equal(_state_at(workdir, epochs * 4), _state_at(ref_dir, epochs * 4))
+
+
+@pytest.mark.parametrize("per_process, message", [
+    ([["--config.batch_size=16"], ["--config.batch_size=8"]],
+     r"config differs from process \d's in 1 field\(s\): config.batch_size="),
+    ([["--config.batch_size=15"], ["--config.batch_size=15"]],
+     "must be a positive multiple of the 2 devices of 2 processes"),
+])
+def test_processes_that_cannot_run_together_both_stop_with_the_reason(tmp_path, per_process,
+                                                                      message):
+  workdir = tmp_path / "run"
+  start = time.time()
+  codes, logs = _wait(_start(workdir, per_process=per_process), timeout=BOUND_S)
+  assert time.time() - start < BOUND_S
+  for code, log in zip(codes, logs):
+    assert code not in (0, "timeout"), log[-3000:]
+    assert re.search(message, log), log[-3000:]
+
+
+def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
+  start = time.time()
+  codes, logs = _wait(_start(tmp_path / "run", "--config.distributed_timeout_s=5",
+                             process_ids=[1]), timeout=BOUND_S)
+  assert codes[0] not in (0, "timeout") and time.time() - start < BOUND_S
+  assert "did not answer within config.distributed_timeout_s=5" in logs[0], (
+      logs[0][-3000:])
+
+
+def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  runs = _start(workdir, "--config.num_epochs=1000")
+  _wait_for_checkpoint(runs, workdir, 4)
+  runs[1][0].send_signal(signal.SIGTERM)  # A preemption notice reaches one host.
+  codes, logs = _wait(runs, timeout=BOUND_S)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  saved = checkpoints.Checkpointer(str(workdir), 100).latest_step()
+  for log in logs:
+    assert f"SIGTERM: saved the checkpoint at step {saved}" in log, log[-3000:]
