@@ -13,7 +13,9 @@ from mobilenet_jax import checkpoints, models, steps
 LABELS_FILE = "label_names.json"
 # Config fields added after a workdir may have been trained, with the values it was trained with.
 ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None,
-                "eval_shift": 0, "train_split": "train", "eval_split": "test"}
+                "eval_shift": 0, "train_split": "train", "eval_split": "test",
+                "model.padding": "symmetric", "model.activation": "relu",
+                "model.bn_momentum": 0.9, "model.bn_epsilon": 1e-5}
 
 
 @dataclasses.dataclass(frozen=True)

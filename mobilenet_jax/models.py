@@ -4,8 +4,10 @@ Widths follow the paper's Table 1; `alpha` is its width multiplier. The
 resolution multiplier is the input size (`config.image_size`): the network is
 fully convolutional up to the global average pool, so any size works.
 
-- Keras CIFAR reference: `stem_stride=2, use_bias=True` (optionally `shallow`).
-- PyTorch CIFAR reference: `stem_stride=1, use_bias=False` (3,217,226 params).
+- Keras CIFAR reference: `stem_stride=2, use_bias=True` (optionally `shallow`), TensorFlow's
+  'same' padding, Keras' BatchNorm defaults (decay 0.99, epsilon 1e-3).
+- PyTorch CIFAR reference: `stem_stride=1, use_bias=False` (3,217,226 params), symmetric padding,
+  PyTorch's BatchNorm defaults (decay 0.9, epsilon 1e-5).
 - ImageNet (paper): `stem_stride=2, use_bias=False, num_classes=1000`, 224x224.
 """
 import functools
@@ -36,15 +38,25 @@ KERNEL_INITS = {
 ModuleDef = Any
 
 
+# How a convolution pads: TensorFlow's (and Keras') 'same' pads a stride-2 conv on an even size
+# by 0 before and 1 after; PyTorch's `padding=1` pads 1 on both sides. Same output shapes.
+PADDINGS = ("same", "symmetric")
+ACTIVATIONS = {"relu": nn.relu, "relu6": nn.relu6}  # relu6: Keras applications' MobileNet.
+
+
 def conv_and_norm(train: bool, use_bias: bool = False, kernel_init: str = "he_normal",
                   conv_impl: str = "auto", dtype: Any = jnp.float32,
-                  axis_name: str | None = None) -> tuple[ModuleDef, ModuleDef]:
-  """`nn.Conv` and `nn.BatchNorm` with the settings every layer shares bound."""
+                  axis_name: str | None = None, bn_momentum: float = 0.9,
+                  bn_epsilon: float = 1e-5) -> tuple[ModuleDef, ModuleDef]:
+  """`nn.Conv` and `nn.BatchNorm` with the settings every layer shares bound.
+
+  `bn_momentum` is the running averages' decay: Keras' `momentum` (0.99 by default),
+  1 - PyTorch's `momentum` (0.1 by default, so 0.9).
+  """
   conv = functools.partial(nn.Conv, use_bias=use_bias, kernel_init=KERNEL_INITS[kernel_init],
                            dtype=dtype, conv_general_dilated=convolutions.conv_fn(conv_impl))
-  # Running-average decay 0.9 and eps 1e-5: PyTorch's BatchNorm2d defaults.
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype, axis_name=axis_name)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=bn_momentum,
+                           epsilon=bn_epsilon, dtype=dtype, axis_name=axis_name)
   return conv, norm
 
 
@@ -56,14 +68,16 @@ class ConvBNReLU(nn.Module):
   norm: ModuleDef  # nn.BatchNorm with the model's train/eval mode, dtype and pmap axis bound.
   strides: int = 1
   groups: int = 1
+  padding: str = "symmetric"  # One of PADDINGS.
+  activation: str = "relu"  # A key of ACTIVATIONS.
 
   @nn.compact
   def __call__(self, x):
     pad = self.kernel_size // 2
+    padding = "SAME" if self.padding == "same" else ((pad, pad), (pad, pad))
     x = self.conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
-                  padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                  name="conv")(x)
-    return nn.relu(self.norm(name="bn")(x))
+                  padding=padding, feature_group_count=self.groups, name="conv")(x)
+    return ACTIVATIONS[self.activation](self.norm(name="bn")(x))
 
 
 class DepthwiseSeparable(nn.Module):
@@ -72,10 +86,13 @@ class DepthwiseSeparable(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   strides: int = 1
+  padding: str = "symmetric"
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x):
-    unit = functools.partial(ConvBNReLU, conv=self.conv, norm=self.norm)
+    unit = functools.partial(ConvBNReLU, conv=self.conv, norm=self.norm, padding=self.padding,
+                             activation=self.activation)
     channels = x.shape[-1]
     x = unit(channels, 3, strides=self.strides, groups=channels, name="depthwise")(x)
     return unit(self.features, 1, name="pointwise")(x)
@@ -92,18 +109,24 @@ class MobileNetV1(nn.Module):
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
   axis_name: str | None = None  # Synchronizes BatchNorm statistics under pmap.
+  padding: str = "same"
+  activation: str = "relu"
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
 
   @nn.compact
   def __call__(self, x, train: bool):
     width = lambda c: max(1, int(c * self.alpha))
     conv, norm = conv_and_norm(train, self.use_bias, self.kernel_init, self.conv_impl,
-                               self.dtype, self.axis_name)
-    x = ConvBNReLU(width(32), 3, conv, norm, strides=self.stem_stride,
-                   name="stem")(x.astype(self.dtype))
+                               self.dtype, self.axis_name, self.bn_momentum, self.bn_epsilon)
+    layout = {"padding": self.padding, "activation": self.activation}
+    x = ConvBNReLU(width(32), 3, conv, norm, strides=self.stem_stride, name="stem",
+                   **layout)(x.astype(self.dtype))
     for i, (features, strides) in enumerate(BLOCKS):
       if self.shallow and i in SHALLOW_DROPPED:
         continue
-      x = DepthwiseSeparable(width(features), conv, norm, strides, name=f"block{i + 1}")(x)
+      x = DepthwiseSeparable(width(features), conv, norm, strides, name=f"block{i + 1}",
+                             **layout)(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
@@ -131,9 +154,21 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
                      f"{list(KERNEL_INITS)}.")
   if model_config.stem_stride not in (1, 2):
     raise ValueError(f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
+  if model_config.padding not in PADDINGS:
+    raise ValueError(f"config.model.padding={model_config.padding!r}: expected one of "
+                     f"{PADDINGS} ('same': Keras/TensorFlow, 'symmetric': PyTorch).")
+  if model_config.activation not in ACTIVATIONS:
+    raise ValueError(f"config.model.activation={model_config.activation!r}: expected one of "
+                     f"{list(ACTIVATIONS)}.")
+  if not (0 <= model_config.bn_momentum < 1 and model_config.bn_epsilon > 0):
+    raise ValueError(f"config.model.bn_momentum={model_config.bn_momentum}, "
+                     f"config.model.bn_epsilon={model_config.bn_epsilon}: need a decay in [0, 1) "
+                     "and a positive epsilon (Keras: 0.99, 1e-3; PyTorch: 0.9, 1e-5).")
   convolutions.resolve(model_config.conv)  # Validates the name early.
   return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
                      stem_stride=model_config.stem_stride, shallow=model_config.shallow,
                      use_bias=model_config.use_bias, kernel_init=model_config.kernel_init,
                      conv_impl=model_config.conv,
-                     dtype=DTYPES[model_config.dtype], axis_name=axis_name)
+                     dtype=DTYPES[model_config.dtype], axis_name=axis_name,
+                     padding=model_config.padding, activation=model_config.activation,
+                     bn_momentum=model_config.bn_momentum, bn_epsilon=model_config.bn_epsilon)

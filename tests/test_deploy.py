@@ -6,7 +6,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,9 +31,9 @@ def _interpret(tflite: bytes, pixels: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("stem,alpha", [(2, 1.0), (1, 0.5), (2, 0.5)])
 def test_tflite_float_logits_match_jax(stem, alpha):
-  config = ml_collections.ConfigDict(dict(num_classes=10, alpha=alpha, stem_stride=stem,
-                                          shallow=False, use_bias=stem == 2,
-                                          kernel_init="he_normal", conv="auto", dtype="float32"))
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  config = cifar.get_config("" if stem == 2 else "torch").model  # Each reference's layout.
+  config.alpha = alpha
   model = models.create_model(config)
   pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(pixels)
@@ -60,19 +59,26 @@ def trained_workdir(tmp_path_factory):
 
 def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
     trained_workdir, tmp_path):
-  old = tmp_path / "old"
-  shutil.copytree(trained_workdir, old)
-  config = json.loads((old / "config.json").read_text())
+  old, explicit = tmp_path / "old", tmp_path / "explicit"
+  config = json.loads((trained_workdir / "config.json").read_text())
+  # Workdirs from before config.model.padding were trained with PyTorch's padding and BatchNorm.
+  config["model"].update(padding="symmetric", activation="relu", bn_momentum=0.9, bn_epsilon=1e-5)
+  for workdir in (old, explicit):
+    shutil.copytree(trained_workdir, workdir)
+  (explicit / "config.json").write_text(json.dumps(config))
   del config["eval_flip"], config["model"]["kernel_init"], config["inference_chunk"]
   del config["eval_shift"], config["train_split"], config["eval_split"]
+  for field in ("padding", "activation", "bn_momentum", "bn_epsilon"):
+    del config["model"][field]
   (old / "config.json").write_text(json.dumps(config))
   trained = inference.load(str(old))
   assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
   assert trained.config.inference_chunk is None and trained.config.eval_shift == 0
   assert (trained.config.train_split, trained.config.eval_split) == ("train", "test")
-  images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  assert trained.config.model.padding == "symmetric" and trained.config.model.bn_epsilon == 1e-5
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8))
   np.testing.assert_array_equal(inference.logits_fn(trained)(images),
-                                inference.logits_fn(inference.load(str(trained_workdir)))(images))
+                                inference.logits_fn(inference.load(str(explicit)))(images))
 
 
 def _predict(workdir, *paths):

@@ -14,9 +14,10 @@ from mobilenet_jax import convolutions, models, summary
 
 
 def model_config(**overrides):
-  c = ml_collections.ConfigDict(dict(num_classes=10, alpha=1.0, stem_stride=2, shallow=False,
-                                     use_bias=False, kernel_init="he_normal", conv="auto",
-                                     dtype="float32"))
+  """The default preset's model (the Keras layout), without conv biases unless overridden."""
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  c = cifar.get_config().model
+  c.use_bias = False
   c.update(overrides)
   return c
 
@@ -173,7 +174,9 @@ def test_auto_picks_shifted_on_cpu_and_lax_on_accelerators():
 
 
 @pytest.mark.parametrize("field,value", [("alpha", 0.0), ("stem_stride", 3), ("conv", "fast"),
-                                         ("dtype", "float16"), ("kernel_init", "xavier")])
+                                         ("dtype", "float16"), ("kernel_init", "xavier"),
+                                         ("padding", "valid"), ("activation", "gelu"),
+                                         ("bn_momentum", 1.0), ("bn_epsilon", 0.0)])
 def test_bad_model_config_is_rejected_by_name(field, value):
   with pytest.raises(ValueError, match=f"config.model.{field}"):
     models.create_model(model_config(**{field: value}))
