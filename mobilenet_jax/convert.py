@@ -14,7 +14,18 @@ whatever the reference named its layers; only the tensor layouts differ:
 
 The layouts must match too: `configs/cifar.py`'s default preset is the Keras
 script's (TensorFlow padding, Keras BatchNorm), `torch` the PyTorch script's.
+
+From a file to a workdir (a step-0 checkpoint, config.json, label names) that
+`predict`, `export` and `--config.mode=eval` read:
+
+  python -m mobilenet_jax.convert --config=configs/cifar.py --keras_file=mobilenet.h5 \
+      --workdir=workdirs/from_keras
+  python -m mobilenet_jax.convert --config=configs/cifar.py:torch --torch_file=ckpt.pth \
+      --workdir=workdirs/from_torch
 """
+import json
+import os
+
 import numpy as np
 
 _BN_FLAX = ("scale", "bias", "mean", "var")
@@ -191,3 +202,78 @@ def to_keras(variables, model) -> None:
     layer.set_weights([kernel, *([np.asarray(params["bias"])] if "bias" in params else [])])
     if norm is not None:
       next(layers).set_weights([np.asarray(norm[k]) for k in _BN_FLAX])
+
+
+# ---- A workdir from converted weights. ----
+
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                  "truck")
+
+
+def template_variables(config) -> dict:
+  """Host arrays {'params', 'batch_stats'} of the configured model, for the from_* functions."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config.model)
+  shape = (1, config.image_size, config.image_size, 3)
+  return jax.tree.map(np.asarray, model.init(jax.random.key(0), np.zeros(shape, np.float32),
+                                             train=False))
+
+
+def write_workdir(config, variables, workdir: str, label_names=None) -> None:
+  """A step-0 checkpoint of `variables` with config.json and label names, as run.py leaves them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import checkpoints, inference, models, steps  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"--workdir={workdir} already holds checkpoints: pass a new folder.")
+  if label_names is None:
+    label_names = (CIFAR10_LABELS if config.model.num_classes == 10 else
+                   tuple(f"class_{i}" for i in range(config.model.num_classes)))
+  state = steps.create_train_state(models.create_model(config.model),
+                                   steps.create_optimizer(config, 1), jax.random.key(0),
+                                   config.image_size)
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
+  try:
+    checkpointer.save(jax.device_get(state))
+  finally:
+    checkpointer.close()
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  inference.save_label_names(workdir, label_names)
+
+
+def _read(keras_file, torch_file, template):
+  if bool(keras_file) == bool(torch_file):
+    raise ValueError("Pass one of --keras_file (the Keras script's .h5 or .keras) and "
+                     "--torch_file (the PyTorch script's state_dict, torch.save'd).")
+  if keras_file:
+    import keras  # pylint: disable=g-import-not-at-top
+    return from_keras(keras.models.load_model(keras_file, compile=False), template)
+  import torch  # pylint: disable=g-import-not-at-top
+  state_dict = torch.load(torch_file, map_location="cpu")
+  state_dict = state_dict.get("net", state_dict)  # pytorch-cifar saves {'net': ..., 'acc': ...}.
+  return from_torch({k: v.numpy() for k, v in state_dict.items()}, template)
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  f = flags.FLAGS
+  variables = _read(f.keras_file, f.torch_file, template_variables(f.config))
+  write_workdir(f.config, variables, f.workdir)
+  print(f"Wrote {f.workdir}: `python -m mobilenet_jax.predict --workdir={f.workdir} IMAGE` "
+        "classifies with it.", flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "The reference's preset: configs/cifar.py "
+                                  "(Keras) or configs/cifar.py:torch (PyTorch).")
+  flags.DEFINE_string("keras_file", None, "The Keras reference's model file (.h5, .keras).")
+  flags.DEFINE_string("torch_file", None, "The PyTorch reference's state_dict file.")
+  flags.DEFINE_string("workdir", None, "A new folder for the converted workdir.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

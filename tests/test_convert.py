@@ -186,3 +186,29 @@ def test_a_mismatched_state_dict_names_the_first_bad_tensor():
   with pytest.raises(ValueError, match="has 27 convolutions and 27 BatchNorms; the configured "
                                        "model has 17"):
     convert.from_torch(state_dict, shallow)
+
+
+def test_the_cli_writes_a_workdir_that_predict_reads_with_the_reference_logits(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
+  reference = _torch_reference(alpha=0.25)
+  torch.save({"net": reference.state_dict(), "acc": 0.0}, tmp_path / "ckpt.pth")
+  convert_cli = [sys.executable, "-m", "mobilenet_jax.convert", "--config=configs/cifar.py:torch",
+                 "--config.model.alpha=0.25", f"--torch_file={tmp_path / 'ckpt.pth'}"]
+  result = subprocess.run([*convert_cli, f"--workdir={tmp_path / 'run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  trained = inference.load(str(tmp_path / "run"))
+  assert trained.step == 0 and trained.label_names[0] == "airplane"
+  images = _images()
+  _assert_close(_logits(trained.model, trained.variables, images),
+                _torch_logits(reference, images))
+
+  bad = subprocess.run([*convert_cli, "--config.model.alpha=0.5",
+                        f"--workdir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert bad.returncode != 0 and "the configured model expects (16,)" in bad.stderr
+  assert not (tmp_path / "bad").exists()  # Nothing written.
