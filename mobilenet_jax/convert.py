@@ -133,21 +133,15 @@ def from_torch(state_dict, template) -> dict:
   return _finish(template, _flax_tensors(template, kernels, norms, biases, head))
 
 
-def to_torch(variables, names=None) -> dict:
-  """{'params', 'batch_stats'} -> a PyTorch reference `state_dict` of numpy arrays.
-
-  Keys are those of the PyTorch CIFAR reference (kuangliu/pytorch-cifar's
-  `MobileNet`: `conv1`, `bn1`, `layers.N.conv1`, `layers.N.bn1`, `layers.N.conv2`,
-  `layers.N.bn2`, `linear`) unless `names` gives the module name of each layer
-  and BatchNorm in forward order (conv, bn, conv, bn, ..., head).
-  """
+def to_torch(variables) -> dict:
+  """{'params', 'batch_stats'} -> a PyTorch reference `state_dict` of numpy arrays, with the keys
+  of the PyTorch CIFAR reference (kuangliu/pytorch-cifar's `MobileNet`: `conv1`, `bn1`,
+  `layers.N.conv1`, `layers.N.bn1`, `layers.N.conv2`, `layers.N.bn2`, `linear`)."""
   layers = list(_layers(variables))
-  if names is None:
-    names = ["conv1", "bn1"]
-    for i in range((len(layers) - 2) // 2):
-      names += [f"layers.{i}.conv1", f"layers.{i}.bn1", f"layers.{i}.conv2", f"layers.{i}.bn2"]
-    names.append("linear")
-  names = iter(names)
+  names = ["conv1", "bn1"]
+  for i in range((len(layers) - 2) // 2):
+    names += [f"layers.{i}.conv1", f"layers.{i}.bn1", f"layers.{i}.conv2", f"layers.{i}.bn2"]
+  names = iter([*names, "linear"])
   state = {}
   for _, params, norm in layers:
     module = next(names)
