@@ -6,11 +6,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads the dataset.
 
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 import jax  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import multihost, train  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import metric_logging, multihost, train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None,
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every step of a save at INFO.
+  metric_logging.show_progress()
   config = FLAGS.config
   if config.mode not in ("train", "eval"):
     raise app.UsageError(f"--config.mode={config.mode!r}: expected 'train' or 'eval'.")

@@ -39,6 +39,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # translated by 0 and +-eval_shift pixels along each axis (9x the work; 0: off). Per-epoch
   # evaluations skip it, to stay cheap.
   c.eval_shift = 0
+  # How predict fits an image of any size to image_size: None takes its centre square;
+  # a fraction resizes its shorter side to image_size / eval_crop and takes the centre
+  # (ImageNet's 0.875), with eval_resize's interpolation ('bilinear' | 'bicubic').
+  c.eval_crop = ml_collections.config_dict.placeholder(float)
+  c.eval_resize = "bilinear"
   c.mean = (125.307, 122.95, 113.865)
   c.std = (62.9932, 62.0887, 66.7048)
   # None: the whole split; an int keeps the split's first n examples.
@@ -58,6 +63,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.activation = "relu"  # 'relu' | 'relu6'
   c.model.bn_momentum = 0.99  # Running averages' decay: Keras' momentum, 1 - PyTorch's.
   c.model.bn_epsilon = 1e-3
+  c.model.dropout = 0.0      # Before the head, in training only.
   c.model.conv = "auto"      # 'auto' (shifted on CPU, lax elsewhere) | 'lax' | 'shifted'
   c.model.dtype = "float32"   # or 'bfloat16' (compute dtype; parameters stay float32)
 
@@ -82,6 +88,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.distributed_timeout_s = 300  # To connect, and to exchange configs: then an error.
   c.heartbeat_timeout_s = 60     # A process silent this long is dead: all the others stop.
   c.seed = 0
+  # A workdir (trained, or from `python -m mobilenet_jax.convert`) whose latest params and
+  # BatchNorm statistics start a new run; a head of another class count starts afresh.
+  c.init_from = ml_collections.config_dict.placeholder(str)
   # Images per inference sub-batch (evaluation, prediction): None = automatic (on CPU as many
   # as keep the largest activation within 8 MiB of cache, at most 64: 32 for the stride-1
   # layout, 64 for stride 2; the whole batch elsewhere), 0 = the whole batch.

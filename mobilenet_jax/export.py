@@ -22,12 +22,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import inference, input_pipeline, models  # pylint: disable=g-import-not-at-top
 
 FORMATS = ("tflite", "savedmodel")
-flags.DEFINE_string("workdir", None, "A workdir trained by run.py.", required=True)
-flags.DEFINE_enum("format", "tflite", FORMATS, "Output format.")
-flags.DEFINE_string("out", None, "Output file (tflite) or folder (savedmodel).", required=True)
-flags.DEFINE_enum("quantize", "none", ["none", "int8"],
-                  "int8: post-training quantization of weights and activations (tflite only).")
-flags.DEFINE_integer("calibration_examples", 200, "Training images that calibrate int8 ranges.")
 
 
 def tf_function(model_config, variables, image_size: int, mean, std):
@@ -93,4 +87,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A workdir trained by run.py.", required=True)
+  flags.DEFINE_enum("format", "tflite", FORMATS, "Output format.")
+  flags.DEFINE_string("out", None, "Output file (tflite) or folder (savedmodel).", required=True)
+  flags.DEFINE_enum("quantize", "none", ["none", "int8"],
+                    "int8: post-training quantization of weights and activations (tflite only).")
+  flags.DEFINE_integer("calibration_examples", 200, "Training images that calibrate int8 ranges.")
   app.run(main)

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -15,7 +16,8 @@ LABELS_FILE = "label_names.json"
 ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None,
                 "eval_shift": 0, "train_split": "train", "eval_split": "test",
                 "model.padding": "symmetric", "model.activation": "relu",
-                "model.bn_momentum": 0.9, "model.bn_epsilon": 1e-5}
+                "model.bn_momentum": 0.9, "model.bn_epsilon": 1e-5, "model.dropout": 0.0,
+                "eval_crop": None, "eval_resize": "bilinear", "init_from": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +29,13 @@ class Trained:
   step: int
 
 
-def load(workdir: str) -> Trained:
-  """Restores the latest checkpoint of a `run.py` workdir with the config saved beside it."""
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """A workdir's config.json, with fields added since it was written at their old values."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist: --workdir must be a folder that "
-                            "`python run.py --workdir=...` trained in.")
+    raise FileNotFoundError(f"{config_path} does not exist: the workdir must be a folder that "
+                            "`python run.py --workdir=...` trained in, or that "
+                            "`python -m mobilenet_jax.convert` wrote.")
   with open(config_path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   for path, value in ADDED_FIELDS.items():
@@ -40,6 +43,12 @@ def load(workdir: str) -> Trained:
     node = functools.reduce(getattr, parents, config)
     if name not in node:
       node[name] = value
+  return config
+
+
+def load(workdir: str) -> Trained:
+  """Restores the latest checkpoint of a `run.py` workdir with the config saved beside it."""
+  config = load_config(workdir)
   state = checkpoints.restore_trained(workdir, config)
   with open(os.path.join(workdir, LABELS_FILE), encoding="utf-8") as f:
     label_names = tuple(json.load(f))
@@ -69,6 +78,60 @@ def read_image(path: str) -> np.ndarray:
     raise ValueError(f"{path}: no such file.") from e
   except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f"{path}: not a readable image ({e}); PNG or JPEG expected.") from e
+
+
+def fit_image(image: np.ndarray, config) -> np.ndarray:
+  """An image of any size as `predict` feeds it to the model.
+
+  With `config.eval_crop` None: its centre square, which the model's `resize` brings to
+  image_size on device (as variable-size datasets are read). With a fraction (ImageNet's
+  0.875): its shorter side resized to image_size / eval_crop with `config.eval_resize`'s
+  interpolation, then the centred image_size square, as timm evaluates.
+  """
+  from mobilenet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if config.eval_crop is None:
+    return input_pipeline.centre_square(image)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  size = config.image_size
+  h, w = image.shape[:2]
+  short = int(size / config.eval_crop)
+  scale = short / min(h, w)
+  new_w, new_h = (short, round(h * scale)) if w <= h else (round(w * scale), short)
+  method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[config.eval_resize]
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), method))
+  top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+  return resized[top:top + size, left:left + size]
+
+
+# The layout fields a model's weights are tied to: init_from requires the same.
+LAYOUT_FIELDS = ("alpha", "stem_stride", "shallow", "use_bias", "padding", "activation",
+                 "bn_epsilon")
+
+
+def start_from(state, config):
+  """`state` with the params and BatchNorm statistics of `config.init_from`'s latest checkpoint.
+
+  The layout (LAYOUT_FIELDS, input normalization) must be the same: weights do not carry over
+  between paddings or activations. A head of another class count keeps its fresh init.
+  """
+  source_config = load_config(config.init_from)
+  differ = [f"--config.model.{k}={source_config.model[k]!r}" for k in LAYOUT_FIELDS
+            if source_config.model[k] != config.model[k]]
+  differ += [f"--config.{k}='{tuple(source_config[k])}'" for k in ("mean", "std")
+             if tuple(source_config[k]) != tuple(config[k])]
+  if differ:
+    raise ValueError(f"config.init_from={config.init_from} holds a model of another layout: "
+                     f"pass {' '.join(differ)} (or the preset it was trained or converted with).")
+  source = load(config.init_from)
+  params = dict(source.variables["params"])
+  theirs, ours = params["head"]["kernel"].shape, state.params["head"]["kernel"].shape
+  if theirs != ours:
+    params["head"] = state.params["head"]
+    logging.info("Starting from %s (step %d); its head (%d classes) is replaced by a new one "
+                 "for %d classes.", config.init_from, source.step, theirs[-1], ours[-1])
+  else:
+    logging.info("Starting from %s (step %d).", config.init_from, source.step)
+  return state.replace(params=params, batch_stats=source.variables["batch_stats"])
 
 
 def logits_fn(trained: Trained):

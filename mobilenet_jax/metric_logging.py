@@ -1,8 +1,24 @@
 """Where metrics go: TensorBoard event files, `metrics.jsonl`, and the console."""
 import json
+import logging as std_logging
 import os
 
 from absl import logging
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
+
+
+def _ours_or_a_warning(record) -> bool:
+  return (record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE)
+          or record.pathname == _RUN)
+
+
+def show_progress() -> None:
+  """The project's INFO lines on the console; other libraries' (orbax logs every save, JAX its
+  backend search) only from WARNING up. absl's handler sees every logger's records."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_ours_or_a_warning)
 
 
 class MetricLogger:
@@ -19,7 +35,7 @@ class MetricLogger:
     self.writer.flush()
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self.jsonl.flush()
-    logging.warning("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+    logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
   def close(self) -> None:
     self.writer.close()

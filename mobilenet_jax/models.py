@@ -8,7 +8,9 @@ fully convolutional up to the global average pool, so any size works.
   'same' padding, Keras' BatchNorm defaults (decay 0.99, epsilon 1e-3).
 - PyTorch CIFAR reference: `stem_stride=1, use_bias=False` (3,217,226 params), symmetric padding,
   PyTorch's BatchNorm defaults (decay 0.9, epsilon 1e-5).
-- ImageNet (paper): `stem_stride=2, use_bias=False, num_classes=1000`, 224x224.
+- ImageNet (paper): `stem_stride=2, use_bias=False, num_classes=1000`, 224x224; Keras
+  applications' checkpoints add ReLU6, TensorFlow padding and Keras' BatchNorm, timm's ReLU6 and
+  PyTorch's padding and BatchNorm (`configs/imagenet.py`).
 """
 import functools
 from typing import Any
@@ -113,6 +115,7 @@ class MobileNetV1(nn.Module):
   activation: str = "relu"
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
+  dropout: float = 0.0  # Before the head, in training only (Keras applications: 1e-3).
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -128,6 +131,7 @@ class MobileNetV1(nn.Module):
       x = DepthwiseSeparable(width(features), conv, norm, strides, name=f"block{i + 1}",
                              **layout)(x)
     x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 
@@ -164,6 +168,8 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
     raise ValueError(f"config.model.bn_momentum={model_config.bn_momentum}, "
                      f"config.model.bn_epsilon={model_config.bn_epsilon}: need a decay in [0, 1) "
                      "and a positive epsilon (Keras: 0.99, 1e-3; PyTorch: 0.9, 1e-5).")
+  if not 0 <= model_config.dropout < 1:
+    raise ValueError(f"config.model.dropout={model_config.dropout}: must be in [0, 1).")
   convolutions.resolve(model_config.conv)  # Validates the name early.
   return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
                      stem_stride=model_config.stem_stride, shallow=model_config.shallow,
@@ -171,4 +177,5 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
                      conv_impl=model_config.conv,
                      dtype=DTYPES[model_config.dtype], axis_name=axis_name,
                      padding=model_config.padding, activation=model_config.activation,
-                     bn_momentum=model_config.bn_momentum, bn_epsilon=model_config.bn_epsilon)
+                     bn_momentum=model_config.bn_momentum, bn_epsilon=model_config.bn_epsilon,
+                     dropout=model_config.dropout)

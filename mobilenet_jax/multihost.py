@@ -50,7 +50,7 @@ def initialize(config) -> None:
     return
   address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   # JAX aborts the process (no exception) when it cannot connect in time: say first what it tries.
-  logging.warning("Joining the other processes through the coordinator at %s (within "
+  logging.info("Joining the other processes through the coordinator at %s (within "
                   "config.distributed_timeout_s=%s).", address or "(detected by JAX)",
                   config.distributed_timeout_s)
   if address and config.process_id:  # Process 0 starts the coordinator; the others need it up.

@@ -11,10 +11,8 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mobilenet_jax import inference, input_pipeline  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_string("workdir", None, "A workdir trained by run.py.", required=True)
-flags.DEFINE_integer("top", 5, "How many classes to print per image.")
 
 
 def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
@@ -23,8 +21,7 @@ def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
   logits = inference.logits_fn(trained)
   results = []
   for path in paths:
-    # Its centre square, as variable-size datasets are read; `logits` resizes it on device.
-    image = input_pipeline.centre_square(inference.read_image(path))
+    image = inference.fit_image(inference.read_image(path), trained.config)
     probs = np.asarray(jax.nn.softmax(logits(image[None]))[0])
     order = np.argsort(-probs)[:top]
     results.append([(trained.label_names[i], float(probs[i])) for i in order])
@@ -49,4 +46,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A workdir trained by run.py.", required=True)
+  flags.DEFINE_integer("top", 5, "How many classes to print per image.")
   app.run(main)

@@ -77,10 +77,15 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   if "flip" in batch:
     draws["flip"] = batch["flip"]
   images = input_pipeline.preprocess(batch["image"], config, draws)
+  # Drawn only with config.model.dropout > 0, so the augmentation's key stays as it was.
+  dropout_key = jax.random.fold_in(rng, 1)
+  if axis_name is not None:
+    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     images, train=True, mutable=["batch_stats"])
+                                     images, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": dropout_key})
     loss = training_loss(logits, batch["label"], config.label_smoothing)
     return loss + config.weight_decay * l2_penalty(params), (logits, updates)
 

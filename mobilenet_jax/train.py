@@ -46,6 +46,10 @@ def check_config(config, workdir: str) -> None:
           f"config.lr_boundaries={tuple(bounds)}: epochs must be positive and strictly increasing.")
   for name in ("eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
     require(config[name] >= 1, f"config.{name}={config[name]}: must be >= 1.")
+  require(config.init_from is None or
+          os.path.exists(os.path.join(config.init_from, "config.json")),
+          f"config.init_from={config.init_from}: no config.json there; pass a workdir that "
+          "run.py trained or `python -m mobilenet_jax.convert` wrote.")
   input_pipeline.check_config(config, jax.device_count())
   steps.inference_chunk(config)
   try:
@@ -117,7 +121,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       steps.create_train_state(model, tx, jax.random.key(config.seed), config.image_size))
   initial_step = int(state.step)
   if initial_step:
-    logging.warning("Resuming from the checkpoint at step %d.", initial_step)
+    logging.info("Resuming from the checkpoint at step %d.", initial_step)
+  elif config.init_from:
+    state = inference.start_from(state, config)
   if chief:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))

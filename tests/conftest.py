@@ -12,6 +12,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+try:
+  # torch._dynamo (imported by timm through torchvision) segfaults when TensorFlow is already
+  # loaded in the process, and loads fine before it: tests use both.
+  import timm  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = ROOT.parent / "shared" / "tensorflow_datasets"
 sys.path.insert(0, str(ROOT))

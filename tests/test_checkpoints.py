@@ -40,7 +40,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(
   smoke_config.num_epochs = 1
   train.train_and_evaluate(smoke_config, str(interrupted))  # Stopped at 4, as if 8 never was.
   smoke_config.num_epochs = 3
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     train.train_and_evaluate(smoke_config, str(damaged))
   train.train_and_evaluate(smoke_config, str(interrupted))
 

@@ -1,6 +1,8 @@
-"""The Keras and PyTorch CIFAR references: same logits from the same weights, both ways.
+"""Every reference and public checkpoint format: same logits from the same weights, both ways.
 
-Each reference model is built here as its script builds it, given random weights and
+The Keras and PyTorch CIFAR scripts, Keras applications' MobileNet and timm's mobilenetv1_100:
+each reference model is built here (as its script builds it, or by its library with random
+weights), given random weights and
 random, non-trivial BatchNorm statistics, saved and loaded as a user would, converted,
 and run on the same random images; then this project's weights go back into a fresh
 reference model. Logits must agree within 1e-5 of the largest |logit|.
@@ -76,7 +78,8 @@ def test_keras_reference_file_converts_to_the_same_logits_and_back(tmp_path, con
   reference.save(tmp_path / "mobilenet.h5")
   loaded = keras.models.load_model(tmp_path / "mobilenet.h5")
   model, template = _jax_model("", alpha=alpha, shallow=shallow, conv=conv)
-  variables = convert.from_keras(loaded, template)
+  variables, has_head = convert.from_keras(loaded, template)
+  assert has_head
   images = _images()
   expected = np.asarray(reference(images))
   _assert_close(_logits(model, variables, images), expected)
@@ -93,7 +96,7 @@ def test_the_default_layout_is_what_makes_keras_agree():
   model, template = _jax_model("", alpha=0.25, padding="symmetric", bn_epsilon=1e-5)
   images = _images()
   expected = np.asarray(reference(images))
-  actual = _logits(model, convert.from_keras(reference, template), images)
+  actual = _logits(model, convert.from_keras(reference, template)[0], images)
   assert np.abs(actual - expected).max() > 10 * RTOL_OF_MAX * np.abs(expected).max()
 
 
@@ -183,8 +186,10 @@ def test_a_mismatched_state_dict_names_the_first_bad_tensor():
   with pytest.raises(ValueError, match="no tensor for params/block1/depthwise/conv/bias"):
     convert.from_torch(state_dict, with_bias)
   _, shallow = _jax_model("torch", alpha=0.25, shallow=True)
-  with pytest.raises(ValueError, match="has 27 convolutions and 27 BatchNorms; the configured "
-                                       "model has 17"):
+  with pytest.raises(ValueError, match=r"has 27 convolutions and 27 BatchNorms; the configured "
+                                       r"model has 17 .*the first that differs: params/block12/"
+                                       r"pointwise/conv/kernel has shape \(1, 1, 128, 128\), "
+                                       r"expected \(1, 1, 128, 256\)"):
     convert.from_torch(state_dict, shallow)
 
 
@@ -196,8 +201,9 @@ def test_the_cli_writes_a_workdir_that_predict_reads_with_the_reference_logits(t
   from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
   reference = _torch_reference(alpha=0.25)
   torch.save({"net": reference.state_dict(), "acc": 0.0}, tmp_path / "ckpt.pth")
-  convert_cli = [sys.executable, "-m", "mobilenet_jax.convert", "--config=configs/cifar.py:torch",
-                 "--config.model.alpha=0.25", f"--torch_file={tmp_path / 'ckpt.pth'}"]
+  convert_cli = [sys.executable, "-m", "mobilenet_jax.convert", "--format=torch",
+                 "--config=configs/cifar.py:torch", "--config.model.alpha=0.25",
+                 f"--file={tmp_path / 'ckpt.pth'}"]
   result = subprocess.run([*convert_cli, f"--workdir={tmp_path / 'run'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -211,4 +217,257 @@ def test_the_cli_writes_a_workdir_that_predict_reads_with_the_reference_logits(t
                         f"--workdir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, check=False)
   assert bad.returncode != 0 and "the configured model expects (16,)" in bad.stderr
+  assert "Traceback" not in bad.stderr, bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: params/block1"), bad.stderr
   assert not (tmp_path / "bad").exists()  # Nothing written.
+
+
+# ---- Keras applications' MobileNet (ReLU6, no biases, TF padding, a 1x1-conv head). ----
+
+def _imagenet_config(layout, **model):
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config(layout)
+  config.model.update(model)
+  return config
+
+
+def _keras_app(alpha, size, include_top=True, weights=None, seed=0):
+  import keras  # pylint: disable=g-import-not-at-top
+  model = keras.applications.MobileNet(input_shape=(size, size, 3), alpha=alpha,
+                                       include_top=include_top, weights=weights,
+                                       classifier_activation=None)
+  if weights is None:
+    _randomize_keras_batchnorm(model, seed)
+  return model
+
+
+def _unit_images(size, n=2, seed=0):
+  """Images as Keras' and timm's preprocessing leave them: pixels in [-1, 1]."""
+  return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha, size", [(0.25, 128), (0.5, 160)])
+def test_keras_applications_file_converts_to_the_same_logits_and_back(tmp_path, alpha, size):
+  reference = _keras_app(alpha, size)
+  reference.save(tmp_path / "mobilenet.h5")  # Weights as keras.applications loads them.
+  config = _imagenet_config("keras", alpha=alpha)
+  variables, has_head = convert.read("keras_app", str(tmp_path / "mobilenet.h5"), config)
+  assert has_head
+  images = _unit_images(size)
+  expected = np.asarray(reference(images))
+  model = models.create_model(config.model)
+  _assert_close(_logits(model, variables, images), expected)
+
+  config.image_size = size
+  convert.write("keras_app", variables, config, str(tmp_path / "back.h5"))
+  back = _keras_app(alpha, size, weights=str(tmp_path / "back.h5"))
+  _assert_close(np.asarray(back(images)), expected)
+
+
+def test_keras_applications_without_top_keeps_a_fresh_head(tmp_path):
+  reference = _keras_app(0.25, 128, include_top=False)
+  reference.save(tmp_path / "no_top.h5")
+  config = _imagenet_config("keras,cifar10", alpha=0.25)
+  template = convert.template_variables(config)
+  variables, has_head = convert.read("keras_app", str(tmp_path / "no_top.h5"), config,
+                                     include_top=False)
+  assert not has_head
+  images = _unit_images(128)
+  head = template["params"]["head"]
+  expected = np.asarray(reference(images)).mean((1, 2)) @ head["kernel"] + head["bias"]
+  _assert_close(_logits(models.create_model(config.model), variables, images), expected)
+
+
+def test_a_keras_applications_file_of_another_alpha_or_top_is_named(tmp_path):
+  _keras_app(0.25, 128).save(tmp_path / "mobilenet.h5")
+  config = _imagenet_config("keras", alpha=0.5)
+  with pytest.raises(ValueError, match=r"not Keras applications' MobileNet at alpha=0.5.*conv1/"
+                                       r"kernel. Weight expects shape \(3, 3, 3, 16\)"):
+    convert.read("keras_app", str(tmp_path / "mobilenet.h5"), config)
+  with pytest.raises(ValueError, match="include_top=False.*Layer count mismatch"):
+    convert.read("keras_app", str(tmp_path / "mobilenet.h5"), _imagenet_config("keras", alpha=0.25),
+                 include_top=False)
+
+
+def test_a_converted_keras_application_predicts_and_exports_with_its_logits(tmp_path):
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import export, inference, predict  # pylint: disable=g-import-not-at-top
+  reference = _keras_app(0.25, 128)
+  reference.save(tmp_path / "mobilenet.h5")
+  config = _imagenet_config("keras", alpha=0.25)
+  config.image_size = 128
+  variables, _ = convert.read("keras_app", str(tmp_path / "mobilenet.h5"), config)
+  workdir = str(tmp_path / "workdir")
+  convert.write_workdir(config, variables, workdir, convert.default_labels("keras_app", 1000))
+  photo = np.random.default_rng(0).integers(0, 256, (150, 200, 3), np.uint8)
+  PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
+
+  # Keras applications' own preprocessing of the fitted image: x / 127.5 - 1.
+  fitted = inference.fit_image(photo, inference.load(workdir).config).astype(np.float32)
+  assert fitted.shape == (128, 128, 3)
+  expected = np.asarray(reference(fitted[None] / 127.5 - 1))
+  probs = jax.nn.softmax(expected)[0]
+  top = predict.predict(workdir, [str(tmp_path / "photo.png")], top=3)[0]
+  names = convert.imagenet_labels("keras")
+  assert [name for name, _ in top] == [names[i] for i in np.argsort(-probs)[:3]]
+  np.testing.assert_allclose([p for _, p in top], np.sort(probs)[::-1][:3], rtol=1e-4)
+
+  out = str(tmp_path / "m.tflite")
+  export.export(workdir, "tflite", out)
+  interpreter = tf.lite.Interpreter(model_path=out)
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(interpreter.get_input_details()[0]["index"], fitted[None])
+  interpreter.invoke()
+  _assert_close(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected)
+
+
+def test_imagenet_class_names_are_timms_and_keras_first_lemmas():
+  from timm.data import ImageNetInfo  # pylint: disable=g-import-not-at-top
+  info = ImageNetInfo()
+  timm_names = convert.imagenet_labels("timm")
+  assert timm_names == tuple(info.index_to_description(i) for i in range(1000))
+  keras_names = convert.imagenet_labels("keras")
+  assert keras_names[:3] == ("tench", "goldfish", "great_white_shark")
+  assert keras_names[607] == "jack-o'-lantern" and keras_names[999] == "toilet_tissue"
+
+
+# ---- timm's mobilenetv1_100 (ReLU6, PyTorch padding and BatchNorm). ----
+
+def _timm_reference(seed=0):
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = timm.create_model("mobilenetv1_100", pretrained=False)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        for t, (lo, hi) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.3, 0.3)),
+                            (m.running_mean, (-0.3, 0.3)), (m.running_var, (0.5, 2.0))):
+          t.uniform_(lo, hi)
+  return model.eval()
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth"])
+def test_timm_checkpoint_converts_to_the_same_logits_and_back(tmp_path, suffix):
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  reference = _timm_reference()
+  path = str(tmp_path / f"model.{suffix}")
+  if suffix == "safetensors":
+    safetensors.torch.save_file(reference.state_dict(), path)  # As timm's hub files are.
+  else:
+    torch.save(reference.state_dict(), path)
+  config = _imagenet_config("timm")
+  variables, _ = convert.read("timm", path, config)
+  model = models.create_model(config.model)
+  assert sum(np.size(v) for v in jax.tree.leaves(variables["params"])) == sum(
+      p.numel() for p in reference.parameters()) == 4_231_976
+  images = _unit_images(96)
+  expected = _torch_logits(reference, images)
+  _assert_close(_logits(model, variables, images), expected)
+
+  back_path = str(tmp_path / f"back.{suffix}")
+  convert.write("timm", variables, config, back_path)
+  back = _timm_reference(seed=1)
+  state = (safetensors.torch.load_file(back_path) if suffix == "safetensors" else
+           torch.load(back_path))
+  back.load_state_dict(state, strict=True)
+  _assert_close(_torch_logits(back, images), expected)
+
+
+def test_safetensors_are_read_without_torch(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  safetensors.torch.save_file(_timm_reference().state_dict(), tmp_path / "model.safetensors")
+  code = ("import sys; sys.modules['torch'] = None\n"  # Any import of torch now fails.
+          "from mobilenet_jax import convert\n"
+          f"state = convert.read_state_dict({str(tmp_path / 'model.safetensors')!r})\n"
+          "print(len(state), state['classifier.weight'].shape)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["164", "(1000,", "1024)"]
+
+
+def test_a_state_dict_of_another_architecture_is_rejected(tmp_path):
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "r.pth")
+  with pytest.raises(ValueError, match=r"the first that differs: params/stem/conv/kernel has "
+                                       r"shape \(3, 3, 3, 24\), expected \(3, 3, 3, 32\)"):
+    convert.read("timm", str(tmp_path / "r.pth"), _imagenet_config("timm"))
+
+
+# ---- Fine-tuning: config.init_from a converted workdir. ----
+
+def _converted_smoke_workdir(tmp_path, num_classes=10):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  config = cifar.get_config("smoke")
+  config.model.num_classes = num_classes
+  reference = _keras_reference(0.25, num_classes=num_classes)
+  _randomize_keras_batchnorm(reference)
+  variables, _ = convert.from_keras(reference, convert.template_variables(config))
+  workdir = str(tmp_path / "converted")
+  convert.write_workdir(config, variables, workdir, convert.default_labels("keras", num_classes))
+  return workdir, variables
+
+
+def _fine_tune_start(config):
+  from mobilenet_jax import inference, steps  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config.model)
+  fresh = steps.create_train_state(model, steps.create_optimizer(config, 1),
+                                   jax.random.key(config.seed), config.image_size)
+  return model, fresh, inference.start_from(fresh, config)
+
+
+def test_init_from_starts_from_the_converted_logits(tmp_path):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  workdir, converted = _converted_smoke_workdir(tmp_path)
+  config = cifar.get_config("smoke")
+  config.init_from = workdir
+  model, fresh, start = _fine_tune_start(config)
+  images = _images(seed=3)[:, :16, :16]
+  variables = {"params": start.params, "batch_stats": start.batch_stats}
+  np.testing.assert_array_equal(_logits(model, variables, images),
+                                _logits(model, converted, images))
+  assert not np.array_equal(_logits(model, variables, images),
+                            _logits(model, {"params": fresh.params,
+                                            "batch_stats": fresh.batch_stats}, images))
+
+
+def test_init_from_another_class_count_starts_a_new_head(tmp_path, caplog):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  workdir, converted = _converted_smoke_workdir(tmp_path, num_classes=7)
+  config = cifar.get_config("smoke")
+  config.init_from = workdir
+  with caplog.at_level("INFO"):
+    _, fresh, start = _fine_tune_start(config)
+  assert "its head (7 classes) is replaced by a new one for 10 classes" in caplog.text
+  np.testing.assert_array_equal(start.params["head"]["kernel"], fresh.params["head"]["kernel"])
+  np.testing.assert_array_equal(start.params["stem"]["conv"]["kernel"],
+                                converted["params"]["stem"]["conv"]["kernel"])
+  np.testing.assert_array_equal(start.batch_stats["block13"]["pointwise"]["bn"]["var"],
+                                converted["batch_stats"]["block13"]["pointwise"]["bn"]["var"])
+
+
+def test_init_from_another_layout_names_the_flags_to_pass(tmp_path):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  workdir, _ = _converted_smoke_workdir(tmp_path)
+  config = cifar.get_config("smoke")
+  config.init_from = workdir
+  config.model.update(cifar.PYTORCH_LAYOUT)
+  with pytest.raises(ValueError, match=r"holds a model of another layout: pass "
+                                       r"--config.model.padding='same' "
+                                       r"--config.model.bn_epsilon=0.001"):
+    _fine_tune_start(config)
+
+
+def test_fine_tuning_from_a_converted_workdir_runs_the_smoke_preset(tmp_path):
+  from conftest import run_mocked  # pylint: disable=g-import-not-at-top
+  workdir, _ = _converted_smoke_workdir(tmp_path, num_classes=7)
+  result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
+                      f"--config.init_from={workdir}", f"--workdir={tmp_path / 'tuned'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "tuned" / "results.json").exists()
