@@ -51,7 +51,7 @@ def get_config(preset: str = "keras") -> ml_collections.ConfigDict:
   if target == "cifar10":
     c.dataset, c.eval_split, c.model.num_classes = "cifar10", "test", 10
     c.augment = "crop+flip"
-    c.num_epochs, c.lr_boundaries, c.lr_decay = 5, (3,), (0.1,)
+    c.num_epochs, c.lr_boundaries, c.lr_values = 5, (3,), (0.001,)
     c.learning_rate = 0.01
     c.batch_size = 64
   return c

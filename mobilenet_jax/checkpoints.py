@@ -13,6 +13,10 @@ import orbax.checkpoint as ocp
 from mobilenet_jax import models, multihost, steps
 
 
+class MismatchedCheckpointError(ValueError):
+  """A readable checkpoint of another model or optimizer: the config is wrong, not the files."""
+
+
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint's files cannot be read."""
 
@@ -98,7 +102,7 @@ class Checkpointer:
     if stored != expected:
       differ = sorted(k for k in stored.keys() | expected.keys()
                       if stored.get(k) != expected.get(k))
-      raise ValueError(
+      raise MismatchedCheckpointError(
           f"The checkpoint at step {step} in {self.directory} does not fit the configured model "
           f"or optimizer ({len(differ)} arrays differ, e.g. {differ[0]}: stored "
           f"{stored.get(differ[0])}, configured {expected.get(differ[0])}): it was written "
@@ -143,6 +147,9 @@ class Checkpointer:
 
 def restore_trained(workdir: str, config):
   """The latest TrainState of a trained workdir, for evaluation and inference (none: an error)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it.
+    raise FileNotFoundError(f"No checkpoints/ in {workdir}: train first with "
+                            f"`.venv/bin/python run.py --config=... --workdir={workdir}`.")
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
   try:
     if checkpointer.latest_step() is None:

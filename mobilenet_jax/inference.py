@@ -38,6 +38,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                             "`python -m mobilenet_jax.convert` wrote.")
   with open(config_path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
+  if "lr_values" not in config:  # Written as decay factors before 2026-12-02.
+    rates = [config.learning_rate]
+    for decay in config.lr_decay:
+      rates.append(rates[-1] * decay)
+    del config["lr_decay"]
+    config.lr_values = tuple(rates[1:])
   for path, value in ADDED_FIELDS.items():
     *parents, name = path.split(".")
     node = functools.reduce(getattr, parents, config)

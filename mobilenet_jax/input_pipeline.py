@@ -16,11 +16,15 @@ example is counted exactly once whatever the batch size and device count.
 """
 import dataclasses
 import os
+import socket
+import urllib.parse
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilenet_jax import multihost
 
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip")
 MIN_IMAGE_SIZE = 8
@@ -92,17 +96,40 @@ def _builder(config):
   return builder
 
 
-def _unavailable(config, builder, cause) -> DatasetUnavailableError:
-  searched = _data_dir(config) or "tfds' default (~/tensorflow_datasets)"
-  manual = os.path.join(builder.data_dir_root, "downloads", "manual")
+def _unavailable(config, cause) -> DatasetUnavailableError:
+  searched = _data_dir(config) or "tfds' default folder (~/tensorflow_datasets)"
   return DatasetUnavailableError(
-      f"Dataset {config.dataset!r} is not prepared in {searched} and could not be "
-      f"{'downloaded' if config.download else 'loaded (config.download=False)'}: {cause}\n"
-      "Fix it in one of two ways:\n"
-      "  1. point --config.data_dir (or the TFDS_DATA_DIR environment variable) at a folder "
-      f"holding a prepared tfds '{config.dataset}', e.g. ../shared/tensorflow_datasets;\n"
-      f"  2. place the original archive (for cifar10: cifar-10-binary.tar.gz) in {manual} "
-      "and run again with --config.download=True.")
+      f"Dataset {config.dataset!r} is not prepared in {searched} ({cause}): point "
+      "--config.data_dir (or $TFDS_DATA_DIR) at a folder that holds a prepared tfds "
+      f"{config.dataset!r}, or run once with internet access and --config.download=True.")
+
+
+def _download_host(builder):
+  """The host tfds would download the dataset from, if its checksums name one."""
+  urls = list(builder.url_infos or {})
+  return urllib.parse.urlparse(urls[0]).hostname if urls else None
+
+
+def _reachable(host: str, timeout_s: float = 5.0) -> bool:
+  try:
+    socket.create_connection((host, 443), timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
+def _prepare(config, builder) -> None:
+  """Downloads and prepares a missing dataset, or fails within seconds offline, before tfds'
+  retries (minutes) and before it leaves partial downloads in the data dir."""
+  if not config.download or builder.is_prepared():
+    return  # Reading it says whether it is there.
+  host = _download_host(builder)
+  if host and not _reachable(host):
+    raise _unavailable(config, f"and {host}, where tfds downloads it from, cannot be reached")
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # Download failures come in many types (HTTP, DNS, checksum).
+    raise _unavailable(config, f"and downloading it failed: {multihost.first_line(e)}") from e
 
 
 def load(config) -> Dataset:
@@ -111,19 +138,13 @@ def load(config) -> Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads files here.
   builder = _builder(config)
+  _prepare(config, builder)
   try:
-    if config.download:
-      builder.download_and_prepare()
     train = _read_split(config, builder, "train_split", config.get("train_examples"))
     test = _read_split(config, builder, "eval_split", config.get("eval_examples"))
   except (AssertionError, OSError, tfds.core.DatasetNotFoundError) as e:
-    raise _unavailable(config, builder, e) from e
-  except UnknownSplitError:
-    raise
-  except Exception as e:  # Download failures come in many types (HTTP, DNS, checksum).
-    if not config.download:
-      raise
-    raise _unavailable(config, builder, f"{type(e).__name__}: {e}") from e
+    cause = "and config.download=False" if not config.download else multihost.first_line(e)
+    raise _unavailable(config, cause) from e
   _warn_if_normalization_is_off(config, train.images)
   label = builder.info.features["label"]
   return Dataset(train, test, label.num_classes, tuple(label.names))

@@ -147,8 +147,8 @@ def largest_activation_bytes(model_config, image_size: int) -> int:
   return side * side * channels * jnp.dtype(DTYPES[model_config.dtype]).itemsize
 
 
-def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
-  """Builds the model from `config.model` (alpha, stem_stride, shallow, use_bias, ...)."""
+def check_config(model_config) -> None:
+  """Rejects a bad `config.model` with the flag and the fix, before anything is built."""
   if model_config.alpha <= 0:
     raise ValueError(f"config.model.alpha={model_config.alpha}: must be > 0.")
   if model_config.dtype not in DTYPES:
@@ -170,7 +170,12 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
                      "and a positive epsilon (Keras: 0.99, 1e-3; PyTorch: 0.9, 1e-5).")
   if not 0 <= model_config.dropout < 1:
     raise ValueError(f"config.model.dropout={model_config.dropout}: must be in [0, 1).")
-  convolutions.resolve(model_config.conv)  # Validates the name early.
+  convolutions.resolve(model_config.conv)
+
+
+def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
+  """Builds the model from `config.model` (alpha, stem_stride, shallow, use_bias, ...)."""
+  check_config(model_config)
   return MobileNetV1(num_classes=model_config.num_classes, alpha=model_config.alpha,
                      stem_stride=model_config.stem_stride, shallow=model_config.shallow,
                      use_bias=model_config.use_bias, kernel_init=model_config.kernel_init,

@@ -17,11 +17,12 @@ from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
 
 def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
   """For each image, the `top` (label name, probability) pairs, most probable first."""
+  images = [inference.read_image(path) for path in paths]  # A bad file fails before loading.
   trained = inference.load(workdir)
   logits = inference.logits_fn(trained)
   results = []
-  for path in paths:
-    image = inference.fit_image(inference.read_image(path), trained.config)
+  for raw in images:
+    image = inference.fit_image(raw, trained.config)
     probs = np.asarray(jax.nn.softmax(logits(image[None]))[0])
     order = np.argsort(-probs)[:top]
     results.append([(trained.label_names[i], float(probs[i])) for i in order])

@@ -22,10 +22,14 @@ class TrainState(train_state.TrainState):
 
 
 def learning_rate_schedule(config, steps_per_epoch: int):
-  """Piecewise-constant rate: `learning_rate`, times `lr_decay[i]` from epoch `lr_boundaries[i]`."""
+  """Piecewise-constant rate: `learning_rate`, then `lr_values[i]` from epoch `lr_boundaries[i]`.
+
+  optax takes each boundary's ratio to the rate before it: converted here, and only here.
+  """
+  rates = (config.learning_rate, *config.lr_values)
   return optax.piecewise_constant_schedule(
-      config.learning_rate,
-      {int(b * steps_per_epoch): d for b, d in zip(config.lr_boundaries, config.lr_decay)})
+      config.learning_rate, {int(b * steps_per_epoch): after / before for b, before, after
+                             in zip(config.lr_boundaries, rates, rates[1:])})
 
 
 def create_optimizer(config, steps_per_epoch: int):

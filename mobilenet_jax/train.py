@@ -4,11 +4,13 @@ Everything a step needs is derived from `state.step` on device (the epoch's
 permutation, the batch offset, the augmentation key), so a run that resumes
 from a checkpoint continues exactly as if it had never stopped.
 """
+import dataclasses
 import json
 import math
 import os
 import signal
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -21,8 +23,22 @@ from mobilenet_jax import steps
 from mobilenet_jax import summary as summary_lib
 
 
+class ConfigError(ValueError):
+  """A bad setting or workdir: run.py prints its message as one line, without a traceback."""
+
+
 def check_config(config, workdir: str) -> None:
-  """Rejects a bad config or workdir with an actionable message, before any compilation."""
+  """Rejects a bad config or workdir with an actionable message, before any data is read.
+
+  The one place every setting is checked: each module's own `check_config`, then the
+  run's (schedule, evaluation cadence, init_from, workdir)."""
+  try:
+    _check_config(config, workdir)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def _check_config(config, workdir: str) -> None:
   def require(ok, message):
     if not ok:
       raise ValueError(message)
@@ -35,12 +51,15 @@ def check_config(config, workdir: str) -> None:
   require(0 <= config.eval_shift < config.image_size,
           f"config.eval_shift={config.eval_shift}: test-time translations need a number of "
           f"pixels in [0, image_size={config.image_size}); 0 turns them off.")
+  require(config.mode in ("train", "eval"),
+          f"config.mode={config.mode!r}: expected 'train' or 'eval'.")
+  require(config.batch_size > 0, f"config.batch_size={config.batch_size}: must be > 0.")
   require(config.parallel in parallel.PARALLEL_MODES,
           f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}.")
   bounds = list(config.lr_boundaries)
-  require(len(bounds) == len(config.lr_decay),
-          f"config.lr_boundaries={tuple(bounds)} and config.lr_decay={tuple(config.lr_decay)} "
-          "need the same length (one decay factor per boundary).")
+  require(len(bounds) == len(config.lr_values) and min(config.lr_values, default=1) > 0,
+          f"config.lr_boundaries={tuple(bounds)} and config.lr_values={tuple(config.lr_values)} "
+          "need the same length (the rate from each boundary on), and positive rates.")
   require(bounds == sorted(bounds) and len(set(bounds)) == len(bounds) and
           all(0 < b for b in bounds),
           f"config.lr_boundaries={tuple(bounds)}: epochs must be positive and strictly increasing.")
@@ -50,8 +69,9 @@ def check_config(config, workdir: str) -> None:
           os.path.exists(os.path.join(config.init_from, "config.json")),
           f"config.init_from={config.init_from}: no config.json there; pass a workdir that "
           "run.py trained or `python -m mobilenet_jax.convert` wrote.")
+  models.check_config(config.model)
   input_pipeline.check_config(config, jax.device_count())
-  steps.inference_chunk(config)
+  steps.inference_chunk(config)  # Rejects a negative inference_chunk.
   try:
     os.makedirs(workdir, exist_ok=True)
     # One probe per process: processes of a multi-host run share the workdir.
@@ -93,6 +113,50 @@ class _StopRequested:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class Throughput:
+  """Training images per second, over the timed steps: each epoch's first step after a
+  (re)start includes compilation, so timing starts after it."""
+
+  def __init__(self):
+    self.seconds, self.images = 0.0, 0
+    self._start = self._from_step = None
+
+  def start(self, step: int) -> None:
+    self._start, self._from_step = time.time(), step
+
+  def stop(self, step: int, batch_size: int) -> None:
+    self.seconds += time.time() - self._start
+    self.images += (step - self._from_step) * batch_size
+
+  @property
+  def images_per_s(self):
+    return self.images / self.seconds if self.seconds else None
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the phases of a run share: set up once, `state` and `step` advanced by each epoch."""
+  config: Any
+  workdir: str
+  runner: Any  # parallel.JitRunner or parallel.PmapRunner
+  summary: summary_lib.Summary
+  checkpointer: checkpoints.Checkpointer
+  logger: metric_logging.MetricLogger | None  # Process 0 only.
+  state: Any
+  step: int
+  first_step: int  # Where this invocation started (0, or the resumed checkpoint's step).
+  train_data: Any
+  eval_data: Any
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.runner.steps_per_epoch
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps_per_epoch * self.config.num_epochs
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; returns the final results dict.
 
@@ -102,106 +166,123 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   check_config(config, workdir)
   start = time.time()
-  chief = jax.process_index() == 0
+  run = _set_up(config, workdir)
+  throughput, stop, last_eval = Throughput(), _StopRequested(), None
+  try:
+    while run.step < run.total_steps:
+      sums = _train_epoch(run, throughput, stop)
+      if stop.requested:
+        run.checkpointer.save(run.runner.get_state(run.state))
+        logging.warning("SIGTERM: saved the checkpoint at step %d; rerun to resume.", run.step)
+        return {}
+      last_eval = _end_epoch(run, sums, throughput)
+  finally:
+    stop.restore()
+    run.checkpointer.close()
+    if run.logger:
+      run.logger.close()
+  return _final_results(run, last_eval, throughput, time.time() - start)
 
+
+def _set_up(config, workdir: str) -> _Run:
+  """Data on the devices, the model's summary, and the state: resumed, `init_from`, or new."""
+  chief = jax.process_index() == 0
   data = _load(config)
   if len(data.train.labels) < config.batch_size:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the "
-                     f"{len(data.train.labels)} training examples.")
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
+                      f"{len(data.train.labels)} training examples.")
   runner = parallel.create_runner(config, len(data.train.labels))
-  model = models.create_model(config.model, axis_name=runner.axis_name)
   summary = summary_lib.summarize(models.create_model(config.model), config.image_size)
   if chief:
     print(summary.table(), flush=True)
-  tx = steps.create_optimizer(config, runner.steps_per_epoch)
-  lr_schedule = steps.learning_rate_schedule(config, runner.steps_per_epoch)
-
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
-  state = checkpointer.restore(
-      steps.create_train_state(model, tx, jax.random.key(config.seed), config.image_size))
-  initial_step = int(state.step)
-  if initial_step:
-    logging.info("Resuming from the checkpoint at step %d.", initial_step)
+  state = checkpointer.restore(steps.create_train_state(
+      models.create_model(config.model, axis_name=runner.axis_name),
+      steps.create_optimizer(config, runner.steps_per_epoch), jax.random.key(config.seed),
+      config.image_size))
+  step = int(state.step)
+  if step:
+    logging.info("Resuming from the checkpoint at step %d.", step)
   elif config.init_from:
     state = inference.start_from(state, config)
   if chief:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
     inference.save_label_names(workdir, data.label_names)
-  logger = metric_logging.MetricLogger(workdir) if chief else None
+  return _Run(config, workdir, runner, summary, checkpointer,
+              metric_logging.MetricLogger(workdir) if chief else None, runner.put_state(state),
+              step, step, runner.put_train_data(data.train), runner.put_eval_data(data.test))
 
-  state = runner.put_state(state)
-  train_data = runner.put_train_data(data.train)
-  eval_data = runner.put_eval_data(data.test)
-  spe = runner.steps_per_epoch
-  total_steps = spe * config.num_epochs
-  stop = _StopRequested()
-  train_time, train_images, test = 0.0, 0, None
-  try:
-    step = initial_step
-    while step < total_steps:
-      epoch = step // spe
-      perm = runner.shuffle(state)
-      bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                      disable=not (chief and config.progress_bar), dynamic_ncols=True)
-      epoch_metrics, t0, timed_from = [], time.time(), step
-      with jax.transfer_guard_host_to_device("disallow"):
-        while step < (epoch + 1) * spe and not stop.requested:
-          state, metrics = runner.train(state, train_data, perm)
-          epoch_metrics.append(metrics)
-          step += 1
-          if step == initial_step + 1:  # Exclude compilation from the throughput.
-            jax.block_until_ready(metrics)
-            t0, timed_from = time.time(), step
-          bar.update(1)
-          stop.check(step)
-          if step % 50 == 0:
-            loss = float(runner.metrics(metrics)["loss"]) / config.batch_size
-            bar.set_postfix(loss=f"{loss:.3f}")
-        sums = _sum(runner.metrics(epoch_metrics)) if epoch_metrics else {"loss": 0.0}
-      bar.close()
-      train_time += time.time() - t0
-      train_images += (step - timed_from) * config.batch_size
-      if not math.isfinite(sums["loss"]):
-        raise FloatingPointError(
-            f"The training loss became {sums['loss']} in epoch {epoch + 1} (step {step}). "
-            f"Stopped; the last good checkpoint (step {checkpointer.latest_step()}) is kept in "
-            f"{workdir}/checkpoints. Lower --config.learning_rate or check the data.")
-      if stop.requested:
-        checkpointer.save(runner.get_state(state))
-        logging.warning("SIGTERM: saved the checkpoint at step %d; rerun to resume.", step)
-        return {}
-      finished = step == total_steps
-      scalars = {"train_loss": sums["loss"] / sums["count"],
-                 "train_accuracy": sums["correct"] / sums["count"],
-                 "learning_rate": float(lr_schedule(step - 1)),
-                 "train_images_per_s": train_images / max(train_time, 1e-9),
-                 "epoch": epoch + 1}
-      if finished or (epoch + 1) % config.eval_every_epochs == 0:
-        test = _sum(runner.metrics(runner.evaluate(state, *eval_data)))
-        scalars.update({k: v for k, v in _test_results(test).items() if k != "test_examples"})
-      if logger:
-        logger.write(step, scalars)
-      if finished or (epoch + 1) % config.checkpoint_every_epochs == 0:
-        checkpointer.save(runner.get_state(state))
-  finally:
-    stop.restore()
-    checkpointer.close()
-    if logger:
-      logger.close()
 
-  if test is None or config.eval_shift:
-    # Resumed after the last epoch, or the final evaluation adds test-time translations
-    # (too costly for every epoch's).
-    test = _sum(runner.metrics(runner.evaluate(state, *eval_data, shift=config.eval_shift)))
-  results = {**_test_results(test),
-             "epochs": config.num_epochs,
-             "params": summary.params,
-             "macs": summary.macs,
-             "train_images_per_s": train_images / train_time if train_time else None,
-             "wall_s": time.time() - start}
-  if chief:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dict:
+  """The rest of the current epoch (all of it unless resumed mid-epoch, or stopped by SIGTERM);
+  returns its summed training metrics."""
+  config, runner = run.config, run.runner
+  epoch = run.step // run.steps_per_epoch
+  epoch_end = (epoch + 1) * run.steps_per_epoch
+  permutation = runner.shuffle(run.state)
+  bar = tqdm.tqdm(total=run.steps_per_epoch, initial=run.step % run.steps_per_epoch,
+                  desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
+                  disable=not (run.logger and config.progress_bar))
+  metrics = []
+  throughput.start(run.step)
+  with jax.transfer_guard_host_to_device("disallow"):
+    while run.step < epoch_end and not stop.requested:
+      run.state, step_metrics = runner.train(run.state, run.train_data, permutation)
+      metrics.append(step_metrics)
+      run.step += 1
+      if run.step == run.first_step + 1:  # Compiled: time from here.
+        jax.block_until_ready(step_metrics)
+        throughput.start(run.step)
+      bar.update(1)
+      stop.check(run.step)
+      if run.step % 50 == 0:
+        loss = float(runner.metrics(step_metrics)["loss"]) / config.batch_size
+        bar.set_postfix(loss=f"{loss:.3f}")
+    sums = _sum(runner.metrics(metrics)) if metrics else {"loss": 0.0}
+  bar.close()
+  throughput.stop(run.step, config.batch_size)
+  return sums
+
+
+def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
+  """Logs the epoch, evaluates and checkpoints when due; returns the evaluation's sums, if any."""
+  config, runner, epoch = run.config, run.runner, run.step // run.steps_per_epoch
+  if not math.isfinite(sums["loss"]):
+    raise FloatingPointError(
+        f"The training loss became {sums['loss']} in epoch {epoch} (step {run.step}). Stopped; "
+        f"the last good checkpoint (step {run.checkpointer.latest_step()}) is kept in "
+        f"{run.workdir}/checkpoints. Lower --config.learning_rate or check the data.")
+  finished = run.step == run.total_steps
+  scalars = {"train_loss": sums["loss"] / sums["count"],
+             "train_accuracy": sums["correct"] / sums["count"],
+             "learning_rate": float(steps.learning_rate_schedule(
+                 config, run.steps_per_epoch)(run.step - 1)),
+             "train_images_per_s": throughput.images / max(throughput.seconds, 1e-9),
+             "epoch": epoch}
+  evaluation = None
+  if finished or epoch % config.eval_every_epochs == 0:
+    evaluation = _sum(runner.metrics(runner.evaluate(run.state, *run.eval_data)))
+    scalars.update({k: v for k, v in _test_results(evaluation).items() if k != "test_examples"})
+  if run.logger:
+    run.logger.write(run.step, scalars)
+  if finished or epoch % config.checkpoint_every_epochs == 0:
+    run.checkpointer.save(runner.get_state(run.state))
+  return evaluation if finished else None
+
+
+def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) -> dict:
+  """The final evaluation (the last epoch's, unless resumed after it or test-time translations
+  are on: too costly for every epoch's), written to results.json."""
+  config = run.config
+  if last_eval is None or config.eval_shift:
+    last_eval = _sum(run.runner.metrics(run.runner.evaluate(run.state, *run.eval_data,
+                                                            shift=config.eval_shift)))
+  results = {**_test_results(last_eval), "epochs": config.num_epochs,
+             "params": run.summary.params, "macs": run.summary.macs,
+             "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
+  if run.logger:
+    with open(os.path.join(run.workdir, "results.json"), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
     print(f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
           f"examples (loss {results['test_loss']:.4f})", flush=True)
@@ -226,7 +307,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 def _load(config) -> input_pipeline.Dataset:
   data = input_pipeline.load(config)
   if data.num_classes != config.model.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but "
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes} but "
                      f"{config.dataset} has {data.num_classes} classes: pass "
                      f"--config.model.num_classes={data.num_classes}.")
   return data

@@ -128,7 +128,7 @@ def test_predict_errors_are_clear(trained_workdir, tmp_path):
   assert result.returncode == 1 and "no such file" in result.stderr
   (tmp_path / "untrained").mkdir()
   result = _predict(tmp_path / "untrained", bad)
-  assert result.returncode == 1 and "--workdir must be a folder that" in result.stderr
+  assert result.returncode == 1 and "the workdir must be a folder that" in result.stderr
 
 
 def test_eval_mode_reports_the_trained_accuracy(trained_workdir):
@@ -160,7 +160,7 @@ def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
 def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   args = ["--config=configs/cifar.py:quick", f"--config.data_dir={SHARED_TFDS}",
           "--config.download=False", "--config.num_epochs=3", "--config.lr_boundaries=(1, 2)",
-          "--config.lr_decay=(5.0, 0.1)", "--config.model.stem_stride=2",
+          "--config.lr_values=(0.08, 0.008)", "--config.model.stem_stride=2",
           "--config.model.alpha=0.5", "--config.model.use_bias=False",
           "--config.eval_examples=500", "--config.progress_bar=False", f"--workdir={tmp_path}",
           # The export is the plain model: compare it with the same, without test-time views.
@@ -177,3 +177,14 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   agreement = float(np.mean(jax_top1 == tflite_top1))
   print(f"int8 top-1 agreement with JAX: {agreement:.1%}")
   assert agreement >= 0.95, agreement
+
+
+def test_a_workdir_written_before_lr_values_keeps_loading(tmp_path):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  old = json.loads(cifar.get_config("quick").to_json())
+  del old["lr_values"], old["eval_crop"], old["init_from"], old["model"]["dropout"]
+  old["lr_decay"] = [5.0, 0.4, 0.4, 0.3, 0.3]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config = inference.load_config(str(tmp_path))
+  np.testing.assert_allclose(config.lr_values, [0.08, 0.032, 0.0128, 0.00384, 0.001152])
+  assert "lr_decay" not in config and config.model.dropout == 0.0 and config.init_from is None
