@@ -127,7 +127,9 @@ def test_predict_errors_are_clear(trained_workdir, tmp_path):
   result = _predict(trained_workdir, tmp_path / "missing.png")
   assert result.returncode == 1 and "no such file" in result.stderr
   (tmp_path / "untrained").mkdir()
-  result = _predict(tmp_path / "untrained", bad)
+  good = tmp_path / "good.png"
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+  result = _predict(tmp_path / "untrained", good)
   assert result.returncode == 1 and "the workdir must be a folder that" in result.stderr
 
 
@@ -140,9 +142,12 @@ def test_eval_mode_reports_the_trained_accuracy(trained_workdir):
 
 
 def test_eval_mode_without_checkpoint_says_so(tmp_path):
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text(cifar.get_config("smoke").to_json())
   result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
                       "--config.mode=eval", f"--workdir={tmp_path}")
-  assert result.returncode != 0 and "No checkpoint in" in result.stderr
+  assert result.returncode == 1 and "error: No checkpoints/ in" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
 
 
 def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
