@@ -316,7 +316,12 @@ def keras_app(alpha: float, image_size: int, include_top: bool = True, weights=N
     return keras.applications.MobileNet(
         input_shape=(image_size, image_size, 3), alpha=alpha, include_top=include_top,
         weights=weights, classes=classes, classifier_activation=None)
-  except ValueError as e:
+  except Exception as e:  # pylint: disable=broad-except
+    if weights == "imagenet" and not isinstance(e, ValueError):  # get_file's bare Exception.
+      raise OSError(f"Keras could not download the checkpoint ({_first_line(e)}): download "
+                    "mobilenet_ALPHA_SIZE_tf[_no_top].h5 elsewhere and pass it as --file.") from e
+    if not isinstance(e, ValueError):
+      raise
     what = f"alpha={alpha}, image_size={image_size}, include_top={include_top}"
     raise ValueError(f"{weights}: not Keras applications' MobileNet at {what} (Keras: "
                      f"{_first_line(e)}). Pass the --alpha, --image_size and --include_top of "
