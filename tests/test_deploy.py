@@ -163,11 +163,14 @@ def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
 @pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),
                     reason="no prepared CIFAR-10 in ../shared")
 def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
+  # 3 epochs over 10,000 real training images (not all 50,000): 97.0% agreement on 500 test
+  # images, as 97.4% after the full split, in a fifth of the time.
   args = ["--config=configs/cifar.py:quick", f"--config.data_dir={SHARED_TFDS}",
           "--config.download=False", "--config.num_epochs=3", "--config.lr_boundaries=(1, 2)",
           "--config.lr_values=(0.08, 0.008)", "--config.model.stem_stride=2",
           "--config.model.alpha=0.5", "--config.model.use_bias=False",
-          "--config.eval_examples=500", "--config.progress_bar=False", f"--workdir={tmp_path}",
+          "--config.train_examples=10000", "--config.eval_examples=500",
+          "--config.progress_bar=False", f"--workdir={tmp_path}",
           # The export is the plain model: compare it with the same, without test-time views.
           "--config.eval_flip=False", "--config.eval_shift=0"]
   result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True,
