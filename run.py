@@ -62,12 +62,7 @@ def parse_flags(argv):
 def eval_config(workdir: str):
   """The workdir's saved config, with the command line's `--config.*` overrides on top."""
   config = inference.load_config(workdir)
-  for path, value in config_flags.get_override_values(FLAGS["config"]).items():
-    *parents, name = path.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+  config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
   return config
 
 

@@ -145,6 +145,15 @@ class Checkpointer:
     self.manager.close()
 
 
+def state_template(config):
+  """A TrainState of `config`'s structure, for checkpoints outside training: inference-mode
+  BatchNorm needs no pmap axis, and the optimizer's state structure does not depend on the
+  schedule's steps per epoch."""
+  return steps.create_train_state(models.create_model(config.model),
+                                  steps.create_optimizer(config, 1), jax.random.key(0),
+                                  config.image_size)
+
+
 def restore_trained(workdir: str, config):
   """The latest TrainState of a trained workdir, for evaluation and inference (none: an error)."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it.
@@ -154,12 +163,7 @@ def restore_trained(workdir: str, config):
   try:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first with "
-                              f"`python run.py --config=... --workdir={workdir}`.")
-    # Inference-mode BatchNorm needs no pmap axis, and the optimizer's state structure does
-    # not depend on the schedule's steps per epoch.
-    template = steps.create_train_state(models.create_model(config.model),
-                                        steps.create_optimizer(config, 1), jax.random.key(0),
-                                        config.image_size)
-    return checkpointer.restore(template)
+                              f"`.venv/bin/python run.py --config=... --workdir={workdir}`.")
+    return checkpointer.restore(state_template(config))
   finally:
     checkpointer.close()

@@ -371,13 +371,11 @@ def template_variables(config) -> dict:
 def write_workdir(config, variables, workdir: str, label_names) -> None:
   """A step-0 checkpoint of `variables` with config.json and label names, as run.py leaves them."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import checkpoints, inference, steps  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import checkpoints, inference  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"--workdir={workdir} already holds checkpoints: pass a new folder.")
-  state = steps.create_train_state(models.create_model(config.model),
-                                   steps.create_optimizer(config, 1), jax.random.key(0),
-                                   config.image_size)
-  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  state = checkpoints.state_template(config).replace(params=variables["params"],
+                                                     batch_stats=variables["batch_stats"])
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
   try:
@@ -441,7 +439,7 @@ def main(argv):
             "classes) is initialized at random, for fine-tuning.", flush=True)
     write_workdir(config, variables, f.workdir,
                   default_labels(f.format, config.model.num_classes))
-  except (ValueError, FileNotFoundError, OSError) as e:
+  except (ValueError, OSError) as e:  # FileNotFoundError too.
     print(f"error: {_first_line(e)}", file=sys.stderr)
     return 1
   print(f"Wrote {f.workdir}: `python -m mobilenet_jax.predict --workdir={f.workdir} IMAGE` "

@@ -120,15 +120,14 @@ def start_from(state, config):
   The layout (LAYOUT_FIELDS, input normalization) must be the same: weights do not carry over
   between paddings or activations. A head of another class count keeps its fresh init.
   """
-  source_config = load_config(config.init_from)
-  differ = [f"--config.model.{k}={source_config.model[k]!r}" for k in LAYOUT_FIELDS
-            if source_config.model[k] != config.model[k]]
-  differ += [f"--config.{k}='{tuple(source_config[k])}'" for k in ("mean", "std")
-             if tuple(source_config[k]) != tuple(config[k])]
+  source = load(config.init_from)
+  differ = [f"--config.model.{k}={source.config.model[k]!r}" for k in LAYOUT_FIELDS
+            if source.config.model[k] != config.model[k]]
+  differ += [f"--config.{k}='{tuple(source.config[k])}'" for k in ("mean", "std")
+             if tuple(source.config[k]) != tuple(config[k])]
   if differ:
     raise ValueError(f"config.init_from={config.init_from} holds a model of another layout: "
                      f"pass {' '.join(differ)} (or the preset it was trained or converted with).")
-  source = load(config.init_from)
   params = dict(source.variables["params"])
   theirs, ours = params["head"]["kernel"].shape, state.params["head"]["kernel"].shape
   if theirs != ours:
