@@ -14,7 +14,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 import jax  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import checkpoints, inference, input_pipeline  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import checkpoints, input_pipeline, workdirs  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import metric_logging, multihost, train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -61,7 +61,7 @@ def parse_flags(argv):
 
 def eval_config(workdir: str):
   """The workdir's saved config, with the command line's `--config.*` overrides on top."""
-  config = inference.load_config(workdir)
+  config = workdirs.load_config(workdir)
   config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
   return config
 

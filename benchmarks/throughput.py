@@ -8,9 +8,9 @@ For each configuration it times, after warm-up, several rounds of
   on a batch already on device;
 - train loop: the training loop's own compiled step (gather from the device-resident
   dataset by the epoch's permutation, then the train step), as `train.py` runs it;
-- inference: `steps.eval_logits` without test-time flips (normalization, then the model in
+- inference: `inference.eval_logits` without test-time flips (normalization, then the model in
   inference mode), as evaluation and prediction run it: in sub-batches of
-  `--inference-chunk` images (default: automatic, `steps.inference_chunk`);
+  `--inference-chunk` images (default: automatic, `inference.inference_chunk`);
 - when torch is importable, the peer ../shared/bench/torch_mobilenet.py for the same network
   (one process each round: eager, then channels-last + torch.compile for inference).
 Each figure is the median over rounds, and each ratio (loop/step, against the peer) the median
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import convolutions, input_pipeline, models, parallel, steps
+from mobilenet_jax import convolutions, inference, input_pipeline, models, parallel, sampler, steps
 
 PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
 # The peer's inference figures; the best of them in each round is the one compared.
@@ -133,9 +133,10 @@ def measure(args, stem, impl, peer=None):
   if args.free_depthwise_and_norm:
     row["conv"] += " (free depthwise and BN)"
 
-  # The bare train step on one fixed device batch.
+  # The bare train step on one fixed device batch, with its augmentation draws made once.
   batch = {"image": jnp.asarray(split.images[:args.batch]),
-           "label": jnp.asarray(split.labels[:args.batch])}
+           "label": jnp.asarray(split.labels[:args.batch]),
+           **sampler.augmentation_draws(jax.random.key(2), args.batch, config.crop_padding)}
   step = jax.jit(lambda s, b, r: steps.train_step(s, b, r, config), donate_argnums=0)
   step_state = {"state": jax.tree.map(jnp.copy, state)}
   key = jax.random.key(1)
@@ -161,8 +162,9 @@ def measure(args, stem, impl, peer=None):
   variables = jax.device_put({"params": host_state.params, "batch_stats": host_state.batch_stats})
   infer_model = models.create_model(config.model)
   config.inference_chunk = args.inference_chunk
-  row["inference_chunk"] = steps.inference_chunk(config)
-  infer = jax.jit(lambda v, x: steps.eval_logits(infer_model.apply, v, x, config))
+  row["inference_chunk"] = inference.inference_chunk(config)
+  infer = jax.jit(lambda v, x: inference.eval_logits(infer_model.apply, v, x, config,
+                                                     inference.Views()))
   infer_step = lambda: infer(variables, batch["image"])
 
   timers = [_timer("train_step_img_s", train_step, args.batch, args.steps),
@@ -216,7 +218,7 @@ def main():
   p.add_argument("--conv", nargs="+", default=["auto"], choices=convolutions.IMPLEMENTATIONS)
   p.add_argument("--inference-chunk", type=int, default=None,
                  help="images per inference sub-batch (default: automatic, see "
-                      "steps.inference_chunk; 0: none)")
+                      "inference.inference_chunk; 0: none)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
   p.add_argument("--repeats", type=int, default=5,
                  help="timed rounds (medians reported; the peer runs once per round)")

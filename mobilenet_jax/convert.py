@@ -371,7 +371,7 @@ def template_variables(config) -> dict:
 def write_workdir(config, variables, workdir: str, label_names) -> None:
   """A step-0 checkpoint of `variables` with config.json and label names, as run.py leaves them."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import checkpoints, inference  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import checkpoints, workdirs  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"--workdir={workdir} already holds checkpoints: pass a new folder.")
   state = checkpoints.state_template(config).replace(params=variables["params"],
@@ -384,7 +384,7 @@ def write_workdir(config, variables, workdir: str, label_names) -> None:
     checkpointer.close()
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
-  inference.save_label_names(workdir, label_names)
+  workdirs.save_label_names(workdir, label_names)
 
 
 def read(fmt: str, file, config, include_top: bool = True) -> tuple[dict, bool]:
@@ -426,8 +426,8 @@ def main(argv):
     config.model.alpha, config.image_size = f.alpha, f.image_size
   try:
     if f.out:
-      from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
-      trained = inference.load(f.workdir)
+      from mobilenet_jax import workdirs  # pylint: disable=g-import-not-at-top
+      trained = workdirs.load(f.workdir)
       write(f.format, trained.variables, trained.config, f.out)
       print(f"Wrote {f.out} from {f.workdir}.", flush=True)
       return 0

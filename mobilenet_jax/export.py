@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mobilenet_jax import inference, input_pipeline, models  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import input_pipeline, models, workdirs  # pylint: disable=g-import-not-at-top
 
 FORMATS = ("tflite", "savedmodel")
 
@@ -53,7 +53,7 @@ def export(workdir: str, fmt: str, out: str, quantize: str = "none",
     raise ValueError(f"--format={fmt}: expected one of {FORMATS}.")
   if quantize != "none" and fmt != "tflite":
     raise ValueError("--quantize=int8 applies to --format=tflite only.")
-  trained = inference.load(workdir)
+  trained = workdirs.load(workdir)
   c = trained.config
   fn = tf_function(c.model, trained.variables, c.image_size, tuple(c.mean), tuple(c.std))
   if fmt == "savedmodel":

@@ -1,71 +1,84 @@
-"""A trained model from a workdir: config, label names, inference variables and preprocessing."""
+"""The model at inference time, as evaluation and `predict` run it: test-time views, CPU
+sub-batches, and images of any size fitted to the model's input."""
 import dataclasses
-import functools
-import json
-import os
 
-from absl import logging
 import jax
-import ml_collections
+import jax.numpy as jnp
 import numpy as np
 
-from mobilenet_jax import checkpoints, models, steps
+from mobilenet_jax import input_pipeline, models
 
-LABELS_FILE = "label_names.json"
-# Config fields added after a workdir may have been trained, with the values it was trained with.
-ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference_chunk": None,
-                "eval_shift": 0, "train_split": "train", "eval_split": "test",
-                "model.padding": "symmetric", "model.activation": "relu",
-                "model.bn_momentum": 0.9, "model.bn_epsilon": 1e-5, "model.dropout": 0.0,
-                "eval_crop": None, "eval_resize": "bilinear", "init_from": None}
+# Inference sub-batches on CPU (evaluation, predict): as many images as keep the largest
+# activation within 8 MiB, so that each layer's input and output stay in the L3 cache (32 MiB
+# here) instead of every BatchNorm, ReLU and pad pass going to memory; and at most 64, since
+# whole batches of the stride-2 network (8 MiB) ran 2-6% slower than halves (docs/speed.md).
+CPU_INFERENCE_BYTES = 8 << 20
+CPU_INFERENCE_MAX_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class Trained:
-  config: ml_collections.ConfigDict
-  model: models.MobileNetV1
-  variables: dict  # {'params', 'batch_stats'}
-  label_names: tuple[str, ...]
-  step: int
+class Views:
+  """The test-time views whose logits are averaged: each image, with `flip` also its mirror
+  image, and with `shift` > 0 each of those translated by -shift, 0 and +shift pixels along
+  each axis (a 3x3 grid, zero fill). Cheap test-time augmentation that stays in distribution,
+  since training flips and translates too."""
+  flip: bool = False
+  shift: int = 0
+
+  @classmethod
+  def of(cls, config, shift: bool = True) -> "Views":
+    """`config.eval_flip` and `config.eval_shift`; with `shift=False` no translations (the
+    per-epoch evaluations, which they would make 9x as costly)."""
+    return cls(bool(config.eval_flip), int(config.eval_shift) if shift else 0)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """A workdir's config.json, with fields added since it was written at their old values."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist: the workdir must be a folder that "
-                            "`python run.py --workdir=...` trained in, or that "
-                            "`python -m mobilenet_jax.convert` wrote.")
-  with open(config_path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if "lr_values" not in config:  # Written as decay factors before 2026-12-02.
-    rates = [config.learning_rate]
-    for decay in config.lr_decay:
-      rates.append(rates[-1] * decay)
-    del config["lr_decay"]
-    config.lr_values = tuple(rates[1:])
-  for path, value in ADDED_FIELDS.items():
-    *parents, name = path.split(".")
-    node = functools.reduce(getattr, parents, config)
-    if name not in node:
-      node[name] = value
-  return config
+def check_config(config) -> None:
+  if not 0 <= config.eval_shift < config.image_size:
+    raise ValueError(f"config.eval_shift={config.eval_shift}: test-time translations need a "
+                     f"number of pixels in [0, image_size={config.image_size}); 0 turns them off.")
+  if config.inference_chunk is not None and config.inference_chunk < 0:
+    raise ValueError(f"config.inference_chunk={config.inference_chunk}: expected a number of "
+                     "images >= 1, 0 (the whole batch at once) or None (automatic).")
 
 
-def load(workdir: str) -> Trained:
-  """Restores the latest checkpoint of a `run.py` workdir with the config saved beside it."""
-  config = load_config(workdir)
-  state = checkpoints.restore_trained(workdir, config)
-  with open(os.path.join(workdir, LABELS_FILE), encoding="utf-8") as f:
-    label_names = tuple(json.load(f))
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return Trained(config, models.create_model(config.model), variables, label_names,
-                 int(state.step))
+def inference_chunk(config, backend: str | None = None) -> int:
+  """`config.inference_chunk`, with None (auto) resolved: on CPU the largest power of two that
+  fits `CPU_INFERENCE_BYTES` (at most 64 images), elsewhere 0 (the whole batch at once)."""
+  if config.inference_chunk is not None:
+    return config.inference_chunk
+  if (backend or jax.default_backend()) != "cpu":
+    return 0
+  fit = max(1, CPU_INFERENCE_BYTES // models.largest_activation_bytes(config.model,
+                                                                       config.image_size))
+  return min(CPU_INFERENCE_MAX_CHUNK, 1 << (fit.bit_length() - 1))
 
 
-def save_label_names(workdir: str, label_names) -> None:
-  with open(os.path.join(workdir, LABELS_FILE), "w", encoding="utf-8") as f:
-    json.dump(list(label_names), f)
+def in_chunks(fn, x, chunk: int):
+  """`fn(x)` for a per-example `fn`, computed on sub-batches of `chunk` rows of `x` in turn.
+
+  Sub-batch j holds rows j, j + n, j + 2n, ... (n sub-batches), so that a batch sharded
+  in contiguous blocks over devices stays sharded the same way within each sub-batch.
+  """
+  size = x.shape[0]
+  if not chunk or size <= chunk:
+    return fn(x)
+  n = -(-size // chunk)
+  x = jnp.pad(x, [(0, n * chunk - size)] + [(0, 0)] * (x.ndim - 1))
+  ys = jax.lax.map(fn, jnp.swapaxes(x.reshape(chunk, n, *x.shape[1:]), 0, 1))
+  return jnp.swapaxes(ys, 0, 1).reshape(n * chunk, *ys.shape[2:])[:size]
+
+
+def eval_logits(apply_fn, variables, images, config, views: Views):
+  """Inference-mode logits of uint8 images: the mean over `views`, run through the model as
+  one batch (in sub-batches of `inference_chunk(config)` images)."""
+  x = input_pipeline.preprocess(images, config)
+  xs = [x, x[:, :, ::-1]] if views.flip else [x]
+  if views.shift:
+    offsets = (-views.shift, 0, views.shift)
+    xs = [input_pipeline.translate(v, dy, dx) for v in xs for dy in offsets for dx in offsets]
+  logits = in_chunks(lambda x: apply_fn(variables, x, train=False), jnp.concatenate(xs),
+                     inference_chunk(config))
+  return logits.reshape(len(xs), len(images), -1).mean(0)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -94,7 +107,6 @@ def fit_image(image: np.ndarray, config) -> np.ndarray:
   0.875): its shorter side resized to image_size / eval_crop with `config.eval_resize`'s
   interpolation, then the centred image_size square, as timm evaluates.
   """
-  from mobilenet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   if config.eval_crop is None:
     return input_pipeline.centre_square(image)
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -107,39 +119,3 @@ def fit_image(image: np.ndarray, config) -> np.ndarray:
   resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), method))
   top, left = round((new_h - size) / 2), round((new_w - size) / 2)
   return resized[top:top + size, left:left + size]
-
-
-# The layout fields a model's weights are tied to: init_from requires the same.
-LAYOUT_FIELDS = ("alpha", "stem_stride", "shallow", "use_bias", "padding", "activation",
-                 "bn_epsilon")
-
-
-def start_from(state, config):
-  """`state` with the params and BatchNorm statistics of `config.init_from`'s latest checkpoint.
-
-  The layout (LAYOUT_FIELDS, input normalization) must be the same: weights do not carry over
-  between paddings or activations. A head of another class count keeps its fresh init.
-  """
-  source = load(config.init_from)
-  differ = [f"--config.model.{k}={source.config.model[k]!r}" for k in LAYOUT_FIELDS
-            if source.config.model[k] != config.model[k]]
-  differ += [f"--config.{k}='{tuple(source.config[k])}'" for k in ("mean", "std")
-             if tuple(source.config[k]) != tuple(config[k])]
-  if differ:
-    raise ValueError(f"config.init_from={config.init_from} holds a model of another layout: "
-                     f"pass {' '.join(differ)} (or the preset it was trained or converted with).")
-  params = dict(source.variables["params"])
-  theirs, ours = params["head"]["kernel"].shape, state.params["head"]["kernel"].shape
-  if theirs != ours:
-    params["head"] = state.params["head"]
-    logging.info("Starting from %s (step %d); its head (%d classes) is replaced by a new one "
-                 "for %d classes.", config.init_from, source.step, theirs[-1], ours[-1])
-  else:
-    logging.info("Starting from %s (step %d).", config.init_from, source.step)
-  return state.replace(params=params, batch_stats=source.variables["batch_stats"])
-
-
-def logits_fn(trained: Trained):
-  """A jitted function: uint8 images (n, h, w, 3) of any size -> logits, computed as in eval."""
-  return jax.jit(lambda images: steps.eval_logits(trained.model.apply, trained.variables, images,
-                                                  trained.config, trained.config.eval_shift))

@@ -6,10 +6,8 @@ JAX function that the train step compiles in, so a steady-state training step
 transfers nothing between host and device. Datasets whose images vary in size
 (e.g. tf_flowers) are brought to `image_size` once, on the host, while reading.
 
-Shuffling: each epoch is a fresh permutation drawn from `fold_in(rng, epoch)`;
-an epoch is `n // batch_size` full batches and the last `n % batch_size`
-examples of the permutation are skipped, so every step has the same shape and
-no example is repeated within an epoch (different ones are skipped each epoch).
+Which examples each step trains on, and their augmentation draws, are the sampler's
+(`sampler.py`); the functions at the end apply the draws.
 
 Evaluation pads the split to whole batches and masks the padding, so every test
 example is counted exactly once whatever the batch size and device count.
@@ -218,41 +216,9 @@ def _warn_if_normalization_is_off(config, images) -> None:
 
 # ---- On-device preprocessing: pure JAX, traced into the train and eval steps. ----
 
-def epoch_permutation(rng, epoch, num_examples: int):
-  """The example order of `epoch` (a traced scalar), the same after any resume."""
-  return jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
-
-
 def normalize(images, mean, std):
   """uint8 NHWC -> float32, per-channel (x - mean) / std."""
   return (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
-
-
-def augmentation_draws(rng, num_images: int, padding: int, cutout: int = 0):
-  """Per-image random translation (dy, dx in [0, 2 * padding]) and flip decisions, and with
-  `cutout` > 0 the centre of each erased square (as fractions of the image's height and width).
-
-  Drawn for a whole global batch so that any sharding of the batch (jit mesh,
-  pmap, one device) applies exactly the same augmentation to each image.
-  """
-  shift_rng, flip_rng = jax.random.split(rng)
-  draws = {"shift": jax.random.randint(shift_rng, (num_images, 2), 0, 2 * padding + 1),
-           "flip": jax.random.bernoulli(flip_rng, 0.5, (num_images,))}
-  if cutout:  # A key of its own, so that turning cutout on leaves the other draws as they were.
-    draws["cutout"] = jax.random.uniform(jax.random.fold_in(rng, 2), (num_images, 2))
-  return draws
-
-
-def alternating_flips(rng, indices, epoch):
-  """Flip decisions that alternate per example: example i is mirrored in every other epoch.
-
-  Its first flip is a coin toss from `rng` (the same whole run), then the decision inverts each
-  epoch, so over any two epochs every image is seen both ways; random flips repeat a view
-  half the time. Jordan (2024, "94% on CIFAR-10 in 3.29 seconds") found it better than random
-  flips wherever flipping helps at all.
-  """
-  phase = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i)))(indices)
-  return phase ^ (epoch % 2 == 1)
 
 
 def augment(images, draws, mode: str, padding: int, cutout: int = 0):

@@ -1,9 +1,9 @@
 """Data-parallel execution: `jax.jit` over a 1-D device mesh (default) or `jax.pmap`.
 
-Both runners compile the same pure `steps.train_step`, wrapped with the on-device
-batch gather, and expose the same operations (put/get state and data, shuffle,
-train, evaluate, fetch metrics), so the training loop does not know which one it
-drives. Datasets are replicated on every device (CIFAR is 150 MB as uint8); each
+Both runners compile the same pure `steps.train_step`, wrapped with the sampler's
+on-device batch gather (`sampler.py`), and expose the same operations (put/get state
+and data, shuffle, train, evaluate, fetch metrics), so the training loop does not
+know which one it drives. Datasets are replicated on every device (CIFAR is 150 MB as uint8); each
 step gathers the global batch from the epoch's permutation, sharded along the
 batch axis.
 """
@@ -14,41 +14,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mobilenet_jax import input_pipeline, steps
+from mobilenet_jax import sampler as sampler_lib
 
 PARALLEL_MODES = ("jit", "pmap")
 AXIS = "data"
 
 
 class _Runner:
-  """Shared logic: the epoch permutation and the batch gather of step `state.step`."""
+  """Shared logic: the sampler, and the evaluation scan over the eval batches."""
 
   def __init__(self, config, num_train: int):
     self.config = config
     self.num_devices = jax.device_count()
-    self.num_train = num_train
-    self.steps_per_epoch = num_train // config.batch_size
-    self.shuffle_rng, self.augment_rng = jax.random.split(jax.random.key(config.seed + 1))
-    # Per-example flip phases (config.alternate_flips); augment_rng itself is only ever folded
-    # with step numbers.
-    self.flip_rng = jax.random.split(self.augment_rng)[0]
+    self.sampler = sampler_lib.Sampler(config, num_train)
+    self.steps_per_epoch = self.sampler.steps_per_epoch
 
-  def _permutation(self, step):
-    return input_pipeline.epoch_permutation(
-        self.shuffle_rng, step // self.steps_per_epoch, self.num_train)
-
-  def _gather(self, state, data, perm, offset, size):
-    start = (state.step % self.steps_per_epoch) * self.config.batch_size + offset
-    idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
-    batch = {"image": data["image"][idx], "label": data["label"][idx]}
-    if self.config.alternate_flips:
-      batch["flip"] = input_pipeline.alternating_flips(
-          self.flip_rng, idx, state.step // self.steps_per_epoch)
-    return batch
-
-  def _evaluate(self, state, images, labels, mask, shift=0):
-    """Metric sums over the eval batches; `shift`: test-time translations (`steps.eval_logits`)."""
+  def _evaluate(self, state, images, labels, mask, views):
+    """Metric sums over the eval batches, on the test-time `views` (`inference.Views`)."""
     def body(total, batch):
-      metrics = steps.eval_step(state, *batch, self.config, shift)
+      metrics = steps.eval_step(state, *batch, self.config, views)
       return jax.tree.map(jnp.add, total, metrics), None
     zeros = {"loss": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
     return jax.lax.scan(body, zeros, (images, labels, mask))[0]
@@ -65,14 +49,13 @@ class JitRunner(_Runner):
     batch_sharding = NamedSharding(self.mesh, P(AXIS))
 
     def train(state, data, perm):
-      batch = self._gather(state, data, perm, 0, config.batch_size)
-      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      rng = jax.random.fold_in(self.augment_rng, state.step)
-      return steps.train_step(state, batch, rng, config)
+      batch = jax.lax.with_sharding_constraint(self.sampler.batch(state.step, data, perm),
+                                               batch_sharding)
+      return steps.train_step(state, batch, self.sampler.step_key(state.step), config)
 
     self.train = jax.jit(train, donate_argnums=0)
-    self.shuffle = jax.jit(lambda state: self._permutation(state.step))
-    self.evaluate = jax.jit(self._evaluate, static_argnames="shift")
+    self.shuffle = jax.jit(lambda state: self.sampler.permutation(state.step))
+    self.evaluate = jax.jit(self._evaluate, static_argnames="views")
 
   def _put(self, x, sharding):
     x = np.asarray(x)
@@ -107,21 +90,20 @@ class PmapRunner(_Runner):
     self.devices = jax.local_devices()
 
     def train(state, data, perm):
-      offset = jax.lax.axis_index(AXIS) * local
-      batch = self._gather(state, data, perm, offset, local)
-      rng = jax.random.fold_in(self.augment_rng, state.step)
-      return steps.train_step(state, batch, rng, config, axis_name=AXIS)
+      batch = self.sampler.batch(state.step, data, perm, jax.lax.axis_index(AXIS) * local, local)
+      return steps.train_step(state, batch, self.sampler.step_key(state.step), config,
+                              axis_name=AXIS)
 
-    def evaluate(state, images, labels, mask, shift):
+    def evaluate(state, images, labels, mask, views):
       shard = lambda a: jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(AXIS) * local, local, 1)
       return jax.lax.psum(
-          self._evaluate(state, shard(images), shard(labels), shard(mask), shift), AXIS)
+          self._evaluate(state, shard(images), shard(labels), shard(mask), views), AXIS)
 
     self.train = jax.pmap(train, axis_name=AXIS, donate_argnums=0)
-    self.shuffle = jax.pmap(lambda state: self._permutation(state.step), axis_name=AXIS)
+    self.shuffle = jax.pmap(lambda state: self.sampler.permutation(state.step), axis_name=AXIS)
     evaluate = jax.pmap(evaluate, axis_name=AXIS, static_broadcasted_argnums=4)
-    self.evaluate = lambda state, images, labels, mask, shift=0: evaluate(
-        state, images, labels, mask, shift)
+    self.evaluate = lambda state, images, labels, mask, views: evaluate(
+        state, images, labels, mask, views)
 
   def _replicate(self, tree):
     """A copy per device, stacked along a leading device axis, as pmap takes its inputs."""

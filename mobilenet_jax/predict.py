@@ -11,15 +11,15 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import inference, workdirs  # pylint: disable=g-import-not-at-top
 
 
 
 def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
   """For each image, the `top` (label name, probability) pairs, most probable first."""
   images = [inference.read_image(path) for path in paths]  # A bad file fails before loading.
-  trained = inference.load(workdir)
-  logits = inference.logits_fn(trained)
+  trained = workdirs.load(workdir)
+  logits = workdirs.logits_fn(trained)
   results = []
   for raw in images:
     image = inference.fit_image(raw, trained.config)

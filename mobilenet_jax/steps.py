@@ -1,8 +1,8 @@
 """The pure train and eval steps, and the optimizer they use.
 
 `train_step` is a pure function of (state, batch, rng): it augments the uint8
-batch on device, runs the model in train mode (updating BatchNorm statistics),
-and applies one SGD-Nesterov update. Under pmap, `axis_name` names the device
+batch on device with the sampler's draws, runs the model in train mode (updating
+BatchNorm statistics), and applies one SGD-Nesterov update. Under pmap, `axis_name` names the device
 axis: gradients are averaged across it and BatchNorm statistics are synchronized,
 so the result equals one device processing the whole global batch.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mobilenet_jax import input_pipeline, models
+from mobilenet_jax import inference, input_pipeline
 
 
 class TrainState(train_state.TrainState):
@@ -69,19 +69,12 @@ def _metrics(logits, labels, mask=None):
 def train_step(state: TrainState, batch, rng, config, axis_name: str | None = None):
   """One SGD step on `batch`; returns (state, metrics).
 
-  `batch`: {'image': uint8 NHWC, 'label': int32}, and optionally 'flip' (bool per image),
-  flip decisions that replace the random ones (`input_pipeline.alternating_flips`).
+  `batch`: a `sampler.Sampler.batch`: uint8 NHWC 'image', int32 'label', and each image's
+  augmentation draws ('shift', 'flip', and 'cutout' with config.cutout), applied here on device.
+  `rng`: the step's key (`Sampler.step_key`), which dropout draws from.
   """
-  local = batch["label"].shape[0]
-  draws = input_pipeline.augmentation_draws(rng, config.batch_size, config.crop_padding,
-                                            config.cutout)
-  if axis_name is not None:  # This device's slice of the global batch's draws.
-    start = jax.lax.axis_index(axis_name) * local
-    draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, start, local), draws)
-  if "flip" in batch:
-    draws["flip"] = batch["flip"]
-  images = input_pipeline.preprocess(batch["image"], config, draws)
-  # Drawn only with config.model.dropout > 0, so the augmentation's key stays as it was.
+  images = input_pipeline.preprocess(batch["image"], config, draws=batch)
+  # Drawn only with config.model.dropout > 0; the augmentation draws used the key itself.
   dropout_key = jax.random.fold_in(rng, 1)
   if axis_name is not None:
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
@@ -102,66 +95,9 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   return state, metrics
 
 
-# Inference sub-batches on CPU (evaluation, predict): as many images as keep the largest
-# activation within 8 MiB, so that each layer's input and output stay in the L3 cache (32 MiB
-# here) instead of every BatchNorm, ReLU and pad pass going to memory; and at most 64, since
-# whole batches of the stride-2 network (8 MiB) ran 2-6% slower than halves (docs/speed.md).
-CPU_INFERENCE_BYTES = 8 << 20
-CPU_INFERENCE_MAX_CHUNK = 64
-
-
-def inference_chunk(config, backend: str | None = None) -> int:
-  """`config.inference_chunk`, with None (auto) resolved: on CPU the largest power of two that
-  fits `CPU_INFERENCE_BYTES` (at most 64 images), elsewhere 0 (the whole batch at once)."""
-  chunk = config.inference_chunk
-  if chunk is None:
-    if (backend or jax.default_backend()) != "cpu":
-      return 0
-    fit = max(1, CPU_INFERENCE_BYTES // models.largest_activation_bytes(config.model,
-                                                                         config.image_size))
-    return min(CPU_INFERENCE_MAX_CHUNK, 1 << (fit.bit_length() - 1))
-  if chunk < 0:
-    raise ValueError(f"config.inference_chunk={chunk}: expected a number of images >= 1, "
-                     "0 (the whole batch at once) or None (automatic).")
-  return chunk
-
-
-def in_chunks(fn, x, chunk: int):
-  """`fn(x)` for a per-example `fn`, computed on sub-batches of `chunk` rows of `x` in turn.
-
-  Sub-batch j holds rows j, j + n, j + 2n, ... (n sub-batches), so that a batch sharded
-  in contiguous blocks over devices stays sharded the same way within each sub-batch.
-  """
-  size = x.shape[0]
-  if not chunk or size <= chunk:
-    return fn(x)
-  n = -(-size // chunk)
-  x = jnp.pad(x, [(0, n * chunk - size)] + [(0, 0)] * (x.ndim - 1))
-  ys = jax.lax.map(fn, jnp.swapaxes(x.reshape(chunk, n, *x.shape[1:]), 0, 1))
-  return jnp.swapaxes(ys, 0, 1).reshape(n * chunk, *ys.shape[2:])[:size]
-
-
-def eval_logits(apply_fn, variables, images, config, shift: int = 0):
-  """Inference-mode logits of uint8 images, as evaluation and prediction compute them.
-
-  They are the mean logits over test-time views, run through the model as one batch: with
-  `config.eval_flip`, each image and its mirror image; with `shift` > 0, each of those also
-  translated by -shift, 0 and +shift pixels along each axis (a 3x3 grid, zero fill).
-  Cheap test-time augmentation that stays in distribution, since training flips and
-  translates too.
-  """
-  x = input_pipeline.preprocess(images, config)
-  views = [x, x[:, :, ::-1]] if config.eval_flip else [x]
-  if shift:
-    offsets = (-shift, 0, shift)
-    views = [input_pipeline.translate(v, dy, dx) for v in views for dy in offsets for dx in offsets]
-  logits = in_chunks(lambda x: apply_fn(variables, x, train=False), jnp.concatenate(views),
-                     inference_chunk(config))
-  return logits.reshape(len(views), len(images), -1).mean(0)
-
-
-def eval_step(state: TrainState, images, labels, mask, config, shift: int = 0):
+def eval_step(state: TrainState, images, labels, mask, config, views: inference.Views):
   """Metric sums over one (padded) batch, with BatchNorm in inference mode."""
-  logits = eval_logits(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                       images, config, shift)
+  logits = inference.eval_logits(state.apply_fn,
+                                 {"params": state.params, "batch_stats": state.batch_stats},
+                                 images, config, views)
   return _metrics(logits, labels, mask)

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 
 from mobilenet_jax import checkpoints, inference, input_pipeline, metric_logging, models, parallel
-from mobilenet_jax import steps
+from mobilenet_jax import steps, workdirs
 from mobilenet_jax import summary as summary_lib
 
 
@@ -48,9 +48,6 @@ def _check_config(config, workdir: str) -> None:
   require(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay}: must be >= 0.")
   require(0 <= config.label_smoothing < 1,
           f"config.label_smoothing={config.label_smoothing}: must be in [0, 1).")
-  require(0 <= config.eval_shift < config.image_size,
-          f"config.eval_shift={config.eval_shift}: test-time translations need a number of "
-          f"pixels in [0, image_size={config.image_size}); 0 turns them off.")
   require(config.mode in ("train", "eval"),
           f"config.mode={config.mode!r}: expected 'train' or 'eval'.")
   require(config.batch_size > 0, f"config.batch_size={config.batch_size}: must be > 0.")
@@ -71,7 +68,7 @@ def _check_config(config, workdir: str) -> None:
           "run.py trained or `python -m mobilenet_jax.convert` wrote.")
   models.check_config(config.model)
   input_pipeline.check_config(config, jax.device_count())
-  steps.inference_chunk(config)  # Rejects a negative inference_chunk.
+  inference.check_config(config)
   try:
     os.makedirs(workdir, exist_ok=True)
     # One probe per process: processes of a multi-host run share the workdir.
@@ -204,11 +201,11 @@ def _set_up(config, workdir: str) -> _Run:
   if step:
     logging.info("Resuming from the checkpoint at step %d.", step)
   elif config.init_from:
-    state = inference.start_from(state, config)
+    state = workdirs.start_from(state, config)
   if chief:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-    inference.save_label_names(workdir, data.label_names)
+    workdirs.save_label_names(workdir, data.label_names)
   return _Run(config, workdir, runner, summary, checkpointer,
               metric_logging.MetricLogger(workdir) if chief else None, runner.put_state(state),
               step, step, runner.put_train_data(data.train), runner.put_eval_data(data.test))
@@ -262,7 +259,8 @@ def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
              "epoch": epoch}
   evaluation = None
   if finished or epoch % config.eval_every_epochs == 0:
-    evaluation = _sum(runner.metrics(runner.evaluate(run.state, *run.eval_data)))
+    evaluation = _sum(runner.metrics(runner.evaluate(run.state, *run.eval_data,
+                                                     inference.Views.of(config, shift=False))))
     scalars.update({k: v for k, v in _test_results(evaluation).items() if k != "test_examples"})
   if run.logger:
     run.logger.write(run.step, scalars)
@@ -277,7 +275,7 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
   config = run.config
   if last_eval is None or config.eval_shift:
     last_eval = _sum(run.runner.metrics(run.runner.evaluate(run.state, *run.eval_data,
-                                                            shift=config.eval_shift)))
+                                                            inference.Views.of(config))))
   results = {**_test_results(last_eval), "epochs": config.num_epochs,
              "params": run.summary.params, "macs": run.summary.macs,
              "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
@@ -297,7 +295,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   runner = parallel.create_runner(config, len(data.train.labels))
   test = _sum(runner.metrics(runner.evaluate(runner.put_state(state),
                                              *runner.put_eval_data(data.test),
-                                             shift=config.eval_shift)))
+                                             inference.Views.of(config))))
   results = {**_test_results(test), "step": int(state.step)}
   print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} on "
         f"{results['test_examples']} examples (loss {results['test_loss']:.4f})", flush=True)

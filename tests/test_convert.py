@@ -198,7 +198,7 @@ def test_the_cli_writes_a_workdir_that_predict_reads_with_the_reference_logits(t
   import sys  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from conftest import ROOT  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import workdirs  # pylint: disable=g-import-not-at-top
   reference = _torch_reference(alpha=0.25)
   torch.save({"net": reference.state_dict(), "acc": 0.0}, tmp_path / "ckpt.pth")
   convert_cli = [sys.executable, "-m", "mobilenet_jax.convert", "--format=torch",
@@ -207,7 +207,7 @@ def test_the_cli_writes_a_workdir_that_predict_reads_with_the_reference_logits(t
   result = subprocess.run([*convert_cli, f"--workdir={tmp_path / 'run'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  trained = inference.load(str(tmp_path / "run"))
+  trained = workdirs.load(str(tmp_path / "run"))
   assert trained.step == 0 and trained.label_names[0] == "airplane"
   images = _images()
   _assert_close(_logits(trained.model, trained.variables, images),
@@ -292,7 +292,7 @@ def test_a_keras_applications_file_of_another_alpha_or_top_is_named(tmp_path):
 def test_a_converted_keras_application_predicts_and_exports_with_its_logits(tmp_path):
   import PIL.Image  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import export, inference, predict  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import export, inference, predict, workdirs  # pylint: disable=g-import-not-at-top
   reference = _keras_app(0.25, 128)
   reference.save(tmp_path / "mobilenet.h5")
   config = _imagenet_config("keras", alpha=0.25)
@@ -304,7 +304,7 @@ def test_a_converted_keras_application_predicts_and_exports_with_its_logits(tmp_
   PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
 
   # Keras applications' own preprocessing of the fitted image: x / 127.5 - 1.
-  fitted = inference.fit_image(photo, inference.load(workdir).config).astype(np.float32)
+  fitted = inference.fit_image(photo, workdirs.load(workdir).config).astype(np.float32)
   assert fitted.shape == (128, 128, 3)
   expected = np.asarray(reference(fitted[None] / 127.5 - 1))
   probs = jax.nn.softmax(expected)[0]
@@ -415,11 +415,11 @@ def _converted_smoke_workdir(tmp_path, num_classes=10):
 
 
 def _fine_tune_start(config):
-  from mobilenet_jax import inference, steps  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import steps, workdirs  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model)
   fresh = steps.create_train_state(model, steps.create_optimizer(config, 1),
                                    jax.random.key(config.seed), config.image_size)
-  return model, fresh, inference.start_from(fresh, config)
+  return model, fresh, workdirs.start_from(fresh, config)
 
 
 def test_init_from_starts_from_the_converted_logits(tmp_path):

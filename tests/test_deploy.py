@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, SHARED_TFDS, run_mocked
-from mobilenet_jax import export, inference, input_pipeline, models
+from mobilenet_jax import export, input_pipeline, models, workdirs
 
 MEAN, STD = (125.307, 122.95, 113.865), (62.9932, 62.0887, 66.7048)
 
@@ -71,14 +71,14 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
   for field in ("padding", "activation", "bn_momentum", "bn_epsilon"):
     del config["model"][field]
   (old / "config.json").write_text(json.dumps(config))
-  trained = inference.load(str(old))
+  trained = workdirs.load(str(old))
   assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
   assert trained.config.inference_chunk is None and trained.config.eval_shift == 0
   assert (trained.config.train_split, trained.config.eval_split) == ("train", "test")
   assert trained.config.model.padding == "symmetric" and trained.config.model.bn_epsilon == 1e-5
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8))
-  np.testing.assert_array_equal(inference.logits_fn(trained)(images),
-                                inference.logits_fn(inference.load(str(explicit)))(images))
+  np.testing.assert_array_equal(workdirs.logits_fn(trained)(images),
+                                workdirs.logits_fn(workdirs.load(str(explicit)))(images))
 
 
 def _predict(workdir, *paths):
@@ -178,9 +178,9 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path / "int8.tflite"
   export.export(str(tmp_path), "tflite", str(out), quantize="int8", calibration_examples=200)
-  trained = inference.load(str(tmp_path))
+  trained = workdirs.load(str(tmp_path))
   images = input_pipeline.load(trained.config).test.images  # eval_examples=500
-  jax_top1 = np.argmax(np.asarray(inference.logits_fn(trained)(jnp.asarray(images))), -1)
+  jax_top1 = np.argmax(np.asarray(workdirs.logits_fn(trained)(jnp.asarray(images))), -1)
   tflite_top1 = np.argmax(_interpret(out.read_bytes(), images.astype(np.float32)), -1)
   agreement = float(np.mean(jax_top1 == tflite_top1))
   print(f"int8 top-1 agreement with JAX: {agreement:.1%}")
@@ -193,6 +193,6 @@ def test_a_workdir_written_before_lr_values_keeps_loading(tmp_path):
   del old["lr_values"], old["eval_crop"], old["init_from"], old["model"]["dropout"]
   old["lr_decay"] = [5.0, 0.4, 0.4, 0.3, 0.3]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  config = inference.load_config(str(tmp_path))
+  config = workdirs.load_config(str(tmp_path))
   np.testing.assert_allclose(config.lr_values, [0.08, 0.032, 0.0128, 0.00384, 0.001152])
   assert "lr_decay" not in config and config.model.dropout == 0.0 and config.init_from is None

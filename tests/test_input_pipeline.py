@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_TFDS
-from mobilenet_jax import input_pipeline
+from mobilenet_jax import input_pipeline, sampler
 
 
 def test_mock_load_shapes_dtypes_and_labels(mock_tfds, smoke_config):
@@ -101,7 +101,7 @@ def test_flip_is_an_exact_mirror():
 
 def test_crop_is_an_exact_shift_of_the_zero_padded_image():
   x = _images()
-  draws = input_pipeline.augmentation_draws(jax.random.key(3), 64, 4)
+  draws = sampler.augmentation_draws(jax.random.key(3), 64, 4)
   y = np.asarray(input_pipeline.augment(x, draws, "crop", 4))
   padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
   for i, (dy, dx) in enumerate(np.asarray(draws["shift"])):
@@ -111,27 +111,13 @@ def test_crop_is_an_exact_shift_of_the_zero_padded_image():
 
 def test_no_image_is_altered_when_augmentation_is_off():
   x = _images()
-  draws = input_pipeline.augmentation_draws(jax.random.key(3), 64, 4)
+  draws = sampler.augmentation_draws(jax.random.key(3), 64, 4)
   np.testing.assert_array_equal(input_pipeline.augment(x, draws, "none", 4), x)
-
-
-def test_same_key_same_draws_and_different_keys_differ():
-  a = input_pipeline.augmentation_draws(jax.random.key(1), 256, 4)
-  b = input_pipeline.augmentation_draws(jax.random.key(1), 256, 4)
-  c = input_pipeline.augmentation_draws(jax.random.fold_in(jax.random.key(1), 1), 256, 4)
-  assert all(np.array_equal(a[k], b[k]) for k in a)
-  assert not np.array_equal(a["shift"], c["shift"]) and not np.array_equal(a["flip"], c["flip"])
-
-
-def test_flip_rate_is_about_one_half_and_shifts_cover_the_range():
-  draws = input_pipeline.augmentation_draws(jax.random.key(0), 20_000, 4)
-  assert abs(float(draws["flip"].mean()) - 0.5) < 0.015
-  assert set(np.unique(draws["shift"]).tolist()) == set(range(9))
 
 
 def test_cutout_zeroes_a_square_around_each_centre_clipped_at_the_border():
   x = _images(256, 12) + 10.0  # No zeros of its own.
-  draws = input_pipeline.augmentation_draws(jax.random.key(5), 256, 4, cutout=5)
+  draws = sampler.augmentation_draws(jax.random.key(5), 256, 4, cutout=5)
   y = np.asarray(input_pipeline.augment(x, draws, "none", 4, cutout=5))
   expected = np.asarray(x).copy()
   for i, (cy, cx) in enumerate(np.floor(np.asarray(draws["cutout"]) * 12).astype(int)):
@@ -139,33 +125,6 @@ def test_cutout_zeroes_a_square_around_each_centre_clipped_at_the_border():
   np.testing.assert_array_equal(y, expected)
   erased = (y == 0).all(-1).sum((1, 2))
   assert erased.max() == 25 and erased.min() == 9  # Whole squares inside, 3x3 in the corners.
-
-
-def test_cutout_draws_leave_the_translation_and_flip_draws_unchanged():
-  rng = jax.random.key(2)
-  plain, with_cutout = (input_pipeline.augmentation_draws(rng, 64, 4, cutout=c) for c in (0, 8))
-  assert "cutout" not in plain
-  for k in plain:
-    np.testing.assert_array_equal(plain[k], with_cutout[k])
-
-
-def test_alternating_flips_invert_each_epoch_from_a_random_phase_per_example():
-  rng, idx = jax.random.key(0), jnp.arange(20_000)
-  first, second, third = (np.asarray(input_pipeline.alternating_flips(rng, idx, e))
-                          for e in (0, 1, 2))
-  np.testing.assert_array_equal(second, ~first)
-  np.testing.assert_array_equal(third, first)
-  assert abs(first.mean() - 0.5) < 0.015
-  # A property of the example, not of its place in the batch.
-  order = jax.random.permutation(jax.random.key(1), 20_000)
-  np.testing.assert_array_equal(input_pipeline.alternating_flips(rng, order, 5), second[order])
-
-
-def test_epoch_permutations_are_permutations_that_change_per_epoch():
-  rng = jax.random.key(0)
-  p0, p1 = (np.asarray(input_pipeline.epoch_permutation(rng, e, 1000)) for e in (0, 1))
-  assert sorted(p0) == list(range(1000)) and not np.array_equal(p0, p1)
-  np.testing.assert_array_equal(p0, input_pipeline.epoch_permutation(rng, 0, 1000))
 
 
 def test_resize_is_the_resolution_multiplier():

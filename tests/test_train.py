@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from conftest import ROOT, run_mocked
-from mobilenet_jax import checkpoints, input_pipeline, metric_logging, models, steps, train
+from mobilenet_jax import checkpoints, inference, input_pipeline, metric_logging, models, sampler
+from mobilenet_jax import steps, train
 
 
 def _state(config, steps_per_epoch=4):
@@ -19,9 +20,11 @@ def _state(config, steps_per_epoch=4):
 
 
 def _batch(config, n=16):
+  """Random images and labels, with augmentation draws as the sampler gives them."""
   rng = np.random.default_rng(0)
   return {"image": jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), np.uint8)),
-          "label": jnp.asarray(rng.integers(0, 10, (n,), np.int32))}
+          "label": jnp.asarray(rng.integers(0, 10, (n,), np.int32)),
+          **sampler.augmentation_draws(jax.random.key(0), n, config.crop_padding, config.cutout)}
 
 
 def test_train_and_eval_step_and_loss_decreases_on_a_fixed_batch(smoke_config):
@@ -35,29 +38,29 @@ def test_train_and_eval_step_and_loss_decreases_on_a_fixed_batch(smoke_config):
     losses.append(float(metrics["loss"]) / float(metrics["count"]))
   assert losses[-1] < 0.5 * losses[0], losses
   assert int(state.step) == 15
-  sums = steps.eval_step(state, batch["image"], batch["label"], jnp.ones(16), smoke_config)
+  sums = steps.eval_step(state, batch["image"], batch["label"], jnp.ones(16), smoke_config,
+                         inference.Views())
   assert float(sums["count"]) == 16 and 0 <= float(sums["correct"]) <= 16
 
 
-def test_flip_decisions_in_the_batch_replace_the_random_ones(smoke_config):
+def test_the_step_applies_the_flip_decisions_of_the_batch(smoke_config):
   smoke_config.augment = "flip"
   state, batch = _state(smoke_config), _batch(smoke_config)
   step = jax.jit(lambda b: steps.train_step(state, b, jax.random.key(0), smoke_config))
   flipped = step({**batch, "flip": jnp.ones(16, bool)})
   mirrored = step({**batch, "image": batch["image"][:, :, ::-1], "flip": jnp.zeros(16, bool)})
-  random = step(batch)
+  drawn = step(batch)
   for x, y in zip(jax.tree.leaves(flipped), jax.tree.leaves(mirrored)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  assert not np.allclose(flipped[1]["loss"], random[1]["loss"], rtol=1e-6)
+  assert not np.allclose(flipped[1]["loss"], drawn[1]["loss"], rtol=1e-6)
 
 
 def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config):
   smoke_config.update(augment="none", image_size=32)
-  state, batch = _state(smoke_config), _batch(smoke_config)
   with_cutout = smoke_config.copy_and_resolve_references()
   with_cutout.cutout = 6
-  draws = input_pipeline.augmentation_draws(jax.random.key(0), 16, 4, with_cutout.cutout)
-  erased = (input_pipeline.preprocess(batch["image"], with_cutout, draws) == 0).all(-1).sum((1, 2))
+  state, batch = _state(smoke_config), _batch(with_cutout)
+  erased = (input_pipeline.preprocess(batch["image"], with_cutout, batch) == 0).all(-1).sum((1, 2))
   assert 9 <= int(erased.min()) and int(erased.max()) == 36
   loss = lambda c: steps.train_step(state, batch, jax.random.key(0), c)[1]["loss"]
   assert not np.allclose(loss(with_cutout), loss(smoke_config), rtol=1e-6)
@@ -65,29 +68,31 @@ def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config)
 
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config):
   state, images = _state(smoke_config), _batch(smoke_config)["image"]
-  logits = lambda x: steps.eval_logits(
-      state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, x, smoke_config)
-  plain, mirrored = logits(images), logits(images[:, :, ::-1])
-  smoke_config.eval_flip = True
-  averaged = logits(images)
+  logits = lambda x, flip: inference.eval_logits(
+      state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, x, smoke_config,
+      inference.Views(flip=flip))
+  plain, mirrored = logits(images, False), logits(images[:, :, ::-1], False)
+  averaged = logits(images, True)
   scale = float(np.abs(plain).max())  # Logits of an untrained network are small.
   np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-4, atol=1e-4 * scale)
-  np.testing.assert_allclose(logits(images[:, :, ::-1]), averaged, rtol=1e-4, atol=1e-4 * scale)
+  np.testing.assert_allclose(logits(images[:, :, ::-1], True), averaged, rtol=1e-4,
+                             atol=1e-4 * scale)
   assert np.abs(averaged - plain).max() > 0.05 * scale  # Not a no-op: the net is not symmetric.
 
 
 def test_eval_shift_averages_a_3x3_grid_of_translations_of_each_view(smoke_config):
   state, images = _state(smoke_config), _batch(smoke_config, n=5)["image"]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  smoke_config.eval_flip = True
   x = input_pipeline.preprocess(images, smoke_config)
   views = [np.roll(np.pad(v, ((0, 0), (2, 2), (2, 2), (0, 0))), (dy, dx), (1, 2))[:, 2:-2, 2:-2]
            for v in (x, x[:, :, ::-1]) for dy in (-2, 0, 2) for dx in (-2, 0, 2)]
   expected = np.mean([state.apply_fn(variables, v, train=False) for v in views], axis=0)
-  shifted = steps.eval_logits(state.apply_fn, variables, images, smoke_config, shift=2)
+  shifted = inference.eval_logits(state.apply_fn, variables, images, smoke_config,
+                                  inference.Views(flip=True, shift=2))
   scale = float(np.abs(expected).max())
   np.testing.assert_allclose(shifted, expected, rtol=1e-4, atol=1e-4 * scale)
-  flipped_only = steps.eval_logits(state.apply_fn, variables, images, smoke_config)
+  flipped_only = inference.eval_logits(state.apply_fn, variables, images, smoke_config,
+                                       inference.Views(flip=True))
   assert np.abs(shifted - flipped_only).max() > 0.05 * scale  # The translations do count.
 
 
@@ -123,21 +128,20 @@ def test_in_chunks_keeps_row_order_and_pads_a_partial_last_chunk():
   def per_row(chunk):
     calls.append(chunk.shape)
     return chunk * 10 + 1
-  np.testing.assert_array_equal(steps.in_chunks(per_row, x, 4), x * 10 + 1)
+  np.testing.assert_array_equal(inference.in_chunks(per_row, x, 4), x * 10 + 1)
   assert calls == [(4, 2)]  # Traced once by lax.map: 4 chunks of 4 rows (3 rows of padding).
-  np.testing.assert_array_equal(steps.in_chunks(per_row, x, 0), x * 10 + 1)
+  np.testing.assert_array_equal(inference.in_chunks(per_row, x, 0), x * 10 + 1)
   assert calls[-1] == (13, 2)
 
 
 def test_chunked_inference_equals_whole_batch_inference(smoke_config):
   state, images = _state(smoke_config), _batch(smoke_config, n=23)["image"]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  smoke_config.eval_flip = True  # 46 rows: chunks of 5, the last one padded.
   logits = {}
-  for chunk in (0, 5):
+  for chunk in (0, 5):  # 46 rows (flipped too): chunks of 5, the last one padded.
     smoke_config.inference_chunk = chunk
-    logits[chunk] = jax.jit(lambda x: steps.eval_logits(state.apply_fn, variables, x,
-                                                        smoke_config))(images)
+    logits[chunk] = jax.jit(lambda x: inference.eval_logits(
+        state.apply_fn, variables, x, smoke_config, inference.Views(flip=True)))(images)
   assert logits[0].shape == (23, 10)
   scale = float(np.abs(logits[0]).max())
   np.testing.assert_allclose(logits[5], logits[0], rtol=1e-5, atol=1e-5 * scale)
@@ -145,10 +149,10 @@ def test_chunked_inference_equals_whole_batch_inference(smoke_config):
 
 def test_inference_chunk_is_automatic_per_backend(smoke_config):
   assert smoke_config.inference_chunk is None
-  assert steps.inference_chunk(smoke_config, "gpu") == 0
+  assert inference.inference_chunk(smoke_config, "gpu") == 0
   smoke_config.inference_chunk = 8
-  assert steps.inference_chunk(smoke_config, "gpu") == 8
-  assert steps.inference_chunk(smoke_config, "cpu") == 8
+  assert inference.inference_chunk(smoke_config, "gpu") == 8
+  assert inference.inference_chunk(smoke_config, "cpu") == 8
 
 
 @pytest.mark.parametrize("preset, overrides, chunk", [
@@ -164,7 +168,7 @@ def test_cpu_inference_chunk_keeps_the_largest_activation_within_8_mib(preset, o
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config(preset)
   config.update_from_flattened_dict(overrides)
-  assert steps.inference_chunk(config, "cpu") == chunk
+  assert inference.inference_chunk(config, "cpu") == chunk
 
 
 def test_batchnorm_statistics_update_in_train_mode(smoke_config):
