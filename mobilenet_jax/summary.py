@@ -7,7 +7,6 @@ MACs count the multiply-adds of every convolution and the dense head for one
 image (the paper's "Mult-Adds"); BatchNorm, ReLU and pooling are not counted.
 """
 import dataclasses
-import sys
 
 import flax.linen as nn
 import jax

@@ -41,6 +41,43 @@ def smoke_config():
   return config
 
 
+def fresh_state(config, steps_per_epoch=4):
+  """A newly initialized TrainState of `config` (seed 0), its schedule at `steps_per_epoch`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import models, steps  # pylint: disable=g-import-not-at-top
+  return steps.create_train_state(models.create_model(config.model),
+                                  steps.create_optimizer(config, steps_per_epoch),
+                                  jax.random.key(0), config.image_size)
+
+
+def random_batch(config, n=16, size=32, seed=0):
+  """Random uint8 images and labels, with augmentation draws as the sampler gives them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import sampler  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return {"image": jax.numpy.asarray(rng.integers(0, 256, (n, size, size, 3), np.uint8)),
+          "label": jax.numpy.asarray(rng.integers(0, 10, (n,), np.int32)),
+          **sampler.augmentation_draws(jax.random.key(seed), n, config.crop_padding,
+                                       config.cutout)}
+
+
+def restore_latest(workdir, config):
+  """The latest checkpoint's TrainState in `workdir` (trained with `config`)."""
+  from mobilenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpoints.Checkpointer(str(workdir), 100)
+  try:
+    return checkpointer.restore(checkpoints.state_template(config))
+  finally:
+    checkpointer.close()
+
+
+def smoke_args(workdir, *flags):
+  """run.py's flags for the smoke preset on tfds mock data in `workdir`, then `flags`."""
+  return ["--config=configs/cifar.py:smoke", "--config.download=False",
+          "--config.progress_bar=False", f"--workdir={workdir}", *flags]
+
+
 def _mocked_command(args, env):
   return ([sys.executable, str(ROOT / "tests" / "mock_run.py"), *args],
           {**os.environ, **(env or {})})

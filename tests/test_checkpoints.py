@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from mobilenet_jax import checkpoints, models, steps, train
+from conftest import restore_latest
+from mobilenet_jax import checkpoints, train
 
 
 def _truncate(step_dir):
@@ -17,17 +18,6 @@ def _truncate(step_dir):
   for path in files:
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
-
-
-def _final_state(workdir, config):
-  template = steps.create_train_state(models.create_model(config.model),
-                                      steps.create_optimizer(config, 4), jax.random.key(0),
-                                      config.image_size)
-  checkpointer = checkpoints.Checkpointer(str(workdir), 3)
-  try:
-    return checkpointer.restore(template)
-  finally:
-    checkpointer.close()
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(
@@ -51,7 +41,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(
   assert "\n" not in lines[0]
   assert any("Resuming from the checkpoint at step 4" in r.getMessage() for r in caplog.records)
   assert sorted(os.listdir(damaged / "checkpoints")) == ["12", "4", "8", "8.damaged"]
-  a, b = _final_state(damaged, smoke_config), _final_state(interrupted, smoke_config)
+  a, b = restore_latest(damaged, smoke_config), restore_latest(interrupted, smoke_config)
   assert int(a.step) == int(b.step) == 12
   for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)),
                   jax.tree.leaves((b.params, b.batch_stats))):
@@ -67,5 +57,5 @@ def test_no_readable_checkpoint_is_one_clear_error_and_nothing_is_moved(
   with pytest.raises(checkpoints.DamagedCheckpointError,
                      match=f"No checkpoint in {tmp_path / 'checkpoints'} can be read "
                            r"\(steps 8, 4; .*restore them from a backup, or move them away"):
-    _final_state(tmp_path, smoke_config)
+    restore_latest(tmp_path, smoke_config)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]

@@ -4,9 +4,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from conftest import ROOT, run_mocked
+from conftest import ROOT, run_mocked, smoke_args
 
 BAD_FLAGS = {  # flags -> what the one line must say
     "negative lr": (["--config.learning_rate=-0.1"], "config.learning_rate=-0.1: must be > 0"),
@@ -61,8 +60,7 @@ def test_a_missing_dataset_offline_fails_within_seconds_and_leaves_nothing(tmp_p
 
 def test_eval_reads_the_workdirs_config_and_a_bad_override_is_one_line(tmp_path):
   workdir = str(tmp_path / "run")
-  train = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
-                     "--config.num_epochs=1", f"--workdir={workdir}")
+  train = run_mocked(*smoke_args(workdir, "--config.num_epochs=1"))
   assert train.returncode == 0, train.stderr[-3000:]
   # Another preset on the command line: the workdir's config.json decides the model.
   result = run_mocked("--config=configs/cifar.py:torch", "--config.mode=eval",

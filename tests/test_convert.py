@@ -465,9 +465,8 @@ def test_init_from_another_layout_names_the_flags_to_pass(tmp_path):
 
 
 def test_fine_tuning_from_a_converted_workdir_runs_the_smoke_preset(tmp_path):
-  from conftest import run_mocked  # pylint: disable=g-import-not-at-top
+  from conftest import run_mocked, smoke_args  # pylint: disable=g-import-not-at-top
   workdir, _ = _converted_smoke_workdir(tmp_path, num_classes=7)
-  result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
-                      f"--config.init_from={workdir}", f"--workdir={tmp_path / 'tuned'}")
+  result = run_mocked(*smoke_args(tmp_path / "tuned", f"--config.init_from={workdir}"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "tuned" / "results.json").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHARED_TFDS, run_mocked
+from conftest import ROOT, SHARED_TFDS, run_mocked, smoke_args
 from mobilenet_jax import export, input_pipeline, models, workdirs
 
 MEAN, STD = (125.307, 122.95, 113.865), (62.9932, 62.0887, 66.7048)
@@ -51,8 +51,7 @@ def test_tflite_float_logits_match_jax(stem, alpha):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("smoke")
-  result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
-                      "--config.progress_bar=False", f"--workdir={workdir}")
+  result = run_mocked(*smoke_args(workdir))
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -81,27 +80,45 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
                                 workdirs.logits_fn(workdirs.load(str(explicit)))(images))
 
 
-def _predict(workdir, *paths):
+def _predict(workdir, *args):
   return subprocess.run([sys.executable, "-m", "mobilenet_jax.predict", f"--workdir={workdir}",
-                         *map(str, paths)], cwd=ROOT, capture_output=True, text=True, check=False)
+                         *map(str, args)], cwd=ROOT, capture_output=True, text=True, check=False)
 
 
-def test_predict_prints_top5_class_names_for_png_jpeg_gray_and_rgba(trained_workdir, tmp_path):
+def _expected_top(trained_workdir, image, top):
+  """The `top` lines predict should print for an RGB uint8 image, computed with numpy from the
+  model's logits on the image's centre square."""
+  trained = workdirs.load(str(trained_workdir))
+  config = trained.config
+  h, w = image.shape[:2]
+  side = min(h, w)
+  square = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+  x = input_pipeline.resize(input_pipeline.normalize(square[None], config.mean, config.std),
+                            config.image_size)
+  logits = np.asarray(trained.model.apply(trained.variables, x, train=False)[0], np.float64)
+  probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+  order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top]
+  return [f"  {probs[i]:7.2%}  {trained.label_names[i]}" for i in order]
+
+
+def test_predict_prints_the_most_probable_classes_for_png_jpeg_gray_and_rgba(
+    trained_workdir, tmp_path):
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (32, 32, 3), np.uint8)
-  paths = [tmp_path / name for name in ("rgb.png", "photo.jpg", "gray.png", "rgba.png")]
-  Image.fromarray(rgb).save(paths[0])
-  Image.fromarray(rgb).resize((64, 48)).save(paths[1])
-  Image.fromarray(rgb[..., 0]).save(paths[2])
-  Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(paths[3])
-  result = _predict(trained_workdir, *paths)
+  photo = np.asarray(Image.fromarray(rgb).resize((64, 48)))
+  images = {"rgb.png": rgb, "photo.jpg": photo, "gray.png": rgb[..., 0],
+            "rgba.png": np.dstack([rgb, rgb[..., :1]])}
+  paths = [tmp_path / name for name in images]
+  for path, image in zip(paths, images.values()):
+    Image.fromarray(image).save(path)
+  as_read = {"rgb.png": rgb, "photo.jpg": np.asarray(Image.open(paths[1]).convert("RGB")),
+             "gray.png": np.repeat(rgb[..., :1], 3, -1), "rgba.png": rgb}
+  result = _predict(trained_workdir, *paths, "--top=3")
   assert result.returncode == 0, result.stderr[-3000:]
-  names = json.loads((trained_workdir / "label_names.json").read_text())
-  lines = result.stdout.splitlines()
-  for path in paths:
-    block = lines[lines.index(str(path)) + 1:lines.index(str(path)) + 6]
-    assert len(block) == 5 and all(line.split()[-1] in names for line in block)
-    assert abs(sum(float(line.split()[0].rstrip("%")) for line in block) - 100) < 100
+  expected = []
+  for path, image in zip(paths, as_read.values()):
+    expected += [str(path), *_expected_top(trained_workdir, image, 3)]
+  assert result.stdout.splitlines() == expected
 
 
 def test_predict_classifies_the_centre_square_of_a_non_square_image(trained_workdir, tmp_path):
@@ -134,8 +151,7 @@ def test_predict_errors_are_clear(trained_workdir, tmp_path):
 
 
 def test_eval_mode_reports_the_trained_accuracy(trained_workdir):
-  result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
-                      "--config.mode=eval", f"--workdir={trained_workdir}")
+  result = run_mocked(*smoke_args(trained_workdir, "--config.mode=eval"))
   assert result.returncode == 0, result.stderr[-3000:]
   accuracy = json.loads((trained_workdir / "results.json").read_text())["test_accuracy"]
   assert f"step 8: test accuracy {accuracy:.4f} on 40 examples" in result.stdout
@@ -144,19 +160,41 @@ def test_eval_mode_reports_the_trained_accuracy(trained_workdir):
 def test_eval_mode_without_checkpoint_says_so(tmp_path):
   from configs import cifar  # pylint: disable=g-import-not-at-top
   (tmp_path / "config.json").write_text(cifar.get_config("smoke").to_json())
-  result = run_mocked("--config=configs/cifar.py:smoke", "--config.download=False",
-                      "--config.mode=eval", f"--workdir={tmp_path}")
+  result = run_mocked(*smoke_args(tmp_path, "--config.mode=eval"))
   assert result.returncode == 1 and "error: No checkpoints/ in" in result.stderr
   assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
 
 
-def test_export_cli_writes_tflite_and_savedmodel(trained_workdir, tmp_path):
-  for fmt, out in (("tflite", tmp_path / "m.tflite"), ("savedmodel", tmp_path / "saved")):
-    result = subprocess.run([sys.executable, "-m", "mobilenet_jax.export",
-                             f"--workdir={trained_workdir}", f"--format={fmt}", f"--out={out}"],
-                            cwd=ROOT, capture_output=True, text=True, check=False)
+def _export(*args):
+  return subprocess.run([sys.executable, "-m", "mobilenet_jax.export", *map(str, args)],
+                        cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def test_export_cli_writes_tflite_and_savedmodel_with_the_models_logits(trained_workdir, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  trained = workdirs.load(str(trained_workdir))
+  pixels = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+  expected = np.asarray(trained.model.apply(trained.variables, input_pipeline.normalize(
+      pixels, trained.config.mean, trained.config.std), train=False))
+  tflite, saved = tmp_path / "m.tflite", tmp_path / "saved"
+  for fmt, out in (("tflite", tflite), ("savedmodel", saved)):
+    result = _export(f"--workdir={trained_workdir}", f"--format={fmt}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert out.exists() and f"wrote {out}" in result.stdout
+    assert f"wrote {out}" in result.stdout
+  served = tf.saved_model.load(str(saved)).serve
+  for got in (_interpret(tflite.read_bytes(), pixels),
+              np.concatenate([served(tf.constant(p[None])).numpy() for p in pixels])):
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_export_errors_are_one_line(trained_workdir, tmp_path):
+  result = _export(f"--workdir={trained_workdir}", "--format=savedmodel", "--quantize=int8",
+                   f"--out={tmp_path / 'saved'}")
+  assert result.returncode == 1 and result.stderr.strip() == (
+      "error: --quantize=int8 applies to --format=tflite only.")
+  result = _export(f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'm.tflite'}")
+  assert result.returncode == 1 and "the workdir must be a folder that" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "m.tflite").exists()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import run_mocked, start_mocked
-from mobilenet_jax import checkpoints, models, steps
+from mobilenet_jax import checkpoints
 
 REFERENCE_EPOCHS = 12
 # The well-conditioned network of test_parallel.py (the 16x16 smoke one amplifies rounding).
@@ -82,8 +82,7 @@ def _state_at(workdir, step):
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config("smoke")
   config.model.update(shallow=True, stem_stride=1)
-  template = steps.create_train_state(models.create_model(config.model),
-                                      steps.create_optimizer(config, 4), jax.random.key(0), 32)
+  template = checkpoints.state_template(config)
   manager = checkpoints.Checkpointer(str(workdir), 100).manager
   restored = manager.restore(step, args=ocp.args.StandardRestore(
       flax.serialization.to_state_dict(template)))

@@ -9,10 +9,10 @@ simulated CPU devices is fixed when JAX starts.
 """
 import json
 
+import jax
 import numpy as np
 
-from conftest import run_mocked
-from test_train import _final_params
+from conftest import restore_latest, run_mocked
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 # Batch sums run in a different order on 8 devices, so float32 results differ by ~1e-7 after
@@ -45,10 +45,10 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   for name in ("jit8", "pmap8"):
     assert results[name]["test_examples"] == results["one"]["test_examples"] == 40
     np.testing.assert_allclose(results[name]["test_loss"], results["one"]["test_loss"], rtol=RTOL)
-  ref, ref_step = _final_params(tmp_path / "one", config)
-  assert ref_step == 2
+  ref = restore_latest(tmp_path / "one", config)
+  assert int(ref.step) == 2
   for name in ("jit8", "pmap8"):
-    params, step = _final_params(tmp_path / name, config)
-    assert step == 2
-    for a, b in zip(params, ref):
+    state = restore_latest(tmp_path / name, config)
+    assert int(state.step) == 2
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
       np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)

@@ -1,5 +1,6 @@
 """The throughput benchmark: the peer once per round, ratios paired by round; its upper bounds."""
 import argparse
+import json
 import statistics
 
 import flax
@@ -96,3 +97,20 @@ def test_the_two_bounds_exclude_each_other(monkeypatch, capsys):
     throughput.main()
   assert "--free-depthwise-and-norm: not allowed with argument --free-depthwise" in (
       capsys.readouterr().err)
+
+
+def test_the_benchmark_runs_without_tensorflow_or_tfds(tmp_path):
+  # A GPU machine may have JAX but no TensorFlow: --no-peer times generated batches only.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  blocked = ("import sys, runpy; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] "
+             "= None; sys.argv = ['throughput.py', *sys.argv[1:]]; "
+             "runpy.run_path('benchmarks/throughput.py', run_name='__main__')")
+  result = subprocess.run([sys.executable, "-c", blocked, "--no-peer", "--stem", "2",
+                           "--batch", "8", "--alpha", "0.25", "--steps", "1", "--repeats", "1",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  assert row["train_step_img_s"] > 0 and row["infer_img_s"] > 0 and row["batch"] == 8

@@ -1,0 +1,180 @@
+"""The pure steps against expectations computed another way: the update SGD-Nesterov makes with
+weight decay and label smoothing, BatchNorm's running averages, and metrics over padding."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from conftest import fresh_state as _state, random_batch as _batch
+from mobilenet_jax import inference, input_pipeline, parallel, steps
+
+
+def _one_step(config, **overrides):
+  """(state before, state after one step, metrics) with `overrides` of the config's fields."""
+  config = config.copy_and_resolve_references()
+  config.update_from_flattened_dict(overrides)
+  state = _state(config)
+  new, metrics = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), config))(
+      state, _batch(config))
+  return state, new, metrics
+
+
+def _flat(tree):
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def test_the_first_update_is_nesterov_momentum_over_the_decayed_gradient(smoke_config):
+  # The data gradient is the same with and without decay, so the updates differ by exactly
+  # lr * (1 + momentum) * weight_decay * w on decayed kernels (Nesterov's first step is
+  # (1 + m) g; heavy-ball momentum's would be g), and by nothing elsewhere.
+  lr, momentum, decay = 0.1, 0.9, 0.5
+  common = {"augment": "none", "learning_rate": lr, "momentum": momentum}
+  before, plain, _ = _one_step(smoke_config, weight_decay=0.0, **common)
+  _, decayed, _ = _one_step(smoke_config, weight_decay=decay, **common)
+  w, p, d = _flat(before.params), _flat(plain.params), _flat(decayed.params)
+  decayed_paths = [k for k in w if k[-1] == "kernel" and "depthwise" not in k]
+  assert len(decayed_paths) == 15  # Stem, 13 pointwise convolutions, head.
+  for path in w:
+    expected = -lr * (1 + momentum) * decay * np.asarray(w[path]) if path in decayed_paths else 0
+    np.testing.assert_allclose(d[path] - p[path], expected, rtol=2e-3,
+                               atol=1e-6 * float(np.abs(w[path]).max()), err_msg=str(path))
+
+
+def test_label_smoothing_moves_the_head_bias_by_its_share_of_the_uniform(smoke_config):
+  # The head bias's gradient is mean(softmax - target); smoothing by s changes the targets by
+  # s * (1/K - onehot), so the biases after one step differ by lr (1 + m) s (mean onehot - 1/K).
+  lr, momentum, smoothing = 0.1, 0.9, 0.2
+  common = {"augment": "none", "learning_rate": lr, "momentum": momentum, "weight_decay": 0.0}
+  _, plain, plain_metrics = _one_step(smoke_config, label_smoothing=0.0, **common)
+  _, smoothed, smoothed_metrics = _one_step(smoke_config, label_smoothing=smoothing, **common)
+  onehot = np.eye(10)[np.asarray(_batch(smoke_config)["label"])]
+  expected = -lr * (1 + momentum) * smoothing * (onehot.mean(0) - 0.1)
+  np.testing.assert_allclose(smoothed.params["head"]["bias"] - plain.params["head"]["bias"],
+                             expected, rtol=1e-3, atol=1e-7)
+  # The logged loss stays plain cross-entropy: the same forward pass, the same sums.
+  np.testing.assert_array_equal(plain_metrics["loss"], smoothed_metrics["loss"])
+
+
+def test_batchnorm_running_averages_decay_by_the_configured_momentum(smoke_config):
+  # From mean 0 and variance 1, one step leaves momentum * init + (1 - momentum) * batch's.
+  # Two momenta on the same batch must agree on the batch's statistics.
+  stats = {}
+  for m in (0.9, 0.99):
+    _, new, _ = _one_step(smoke_config, augment="none", **{"model.bn_momentum": m})
+    bn = new.batch_stats["stem"]["bn"]
+    stats[m] = (np.asarray(bn["mean"]) / (1 - m), (np.asarray(bn["var"]) - m) / (1 - m))
+  assert np.abs(stats[0.9][0]).max() > 1e-2  # The batch's mean is not zero.
+  for a, b in zip(stats[0.9], stats[0.99]):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(a).max())
+
+
+def _numpy_metrics(logits, labels):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return {"loss": -log_probs[np.arange(len(labels)), labels].sum(),
+          "correct": float((logits.argmax(-1) == labels).sum()), "count": float(len(labels))}
+
+
+def _plain_logits(state, images, config):
+  x = input_pipeline.preprocess(images, config)
+  return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
+                        train=False)
+
+
+def test_eval_step_counts_only_the_unmasked_examples(smoke_config):
+  state, batch = _state(smoke_config), _batch(smoke_config)
+  mask = jnp.asarray([1.0] * 10 + [0.0] * 6)
+  sums = steps.eval_step(state, batch["image"], batch["label"], mask, smoke_config,
+                         inference.Views())
+  expected = _numpy_metrics(_plain_logits(state, batch["image"][:10], smoke_config),
+                            np.asarray(batch["label"][:10]))
+  for k, v in expected.items():
+    np.testing.assert_allclose(float(sums[k]), v, rtol=1e-5, err_msg=k)
+
+
+def test_evaluation_over_a_split_counts_every_example_once(smoke_config):
+  # 37 examples in batches of 16: 11 of the last batch are padding.
+  state = _state(smoke_config)
+  rng = np.random.default_rng(3)
+  split = input_pipeline.Split(rng.integers(0, 256, (37, 32, 32, 3), np.uint8),
+                               rng.integers(0, 10, (37,), np.int32))
+  runner = parallel.create_runner(smoke_config, 64)
+  sums = runner.metrics(runner.evaluate(runner.put_state(state), *runner.put_eval_data(split),
+                                        inference.Views()))
+  expected = _numpy_metrics(_plain_logits(state, jnp.asarray(split.images), smoke_config),
+                            split.labels)
+  for k, v in expected.items():
+    np.testing.assert_allclose(float(sums[k]), v, rtol=1e-5, err_msg=k)
+
+
+def test_the_training_loss_on_a_fixed_batch_falls(smoke_config):
+  smoke_config.augment = "none"
+  smoke_config.learning_rate = 0.05
+  state, batch = _state(smoke_config), _batch(smoke_config)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), smoke_config))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]) / float(metrics["count"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 15
+  sums = steps.eval_step(state, batch["image"], batch["label"], jnp.ones(16), smoke_config,
+                         inference.Views())
+  expected = _numpy_metrics(_plain_logits(state, batch["image"], smoke_config),
+                            np.asarray(batch["label"]))
+  assert float(sums["correct"]) == expected["correct"]
+
+
+def test_the_step_applies_the_flip_decisions_of_the_batch(smoke_config):
+  smoke_config.augment = "flip"
+  state, batch = _state(smoke_config), _batch(smoke_config)
+  step = jax.jit(lambda b: steps.train_step(state, b, jax.random.key(0), smoke_config))
+  flipped = step({**batch, "flip": jnp.ones(16, bool)})
+  mirrored = step({**batch, "image": batch["image"][:, :, ::-1], "flip": jnp.zeros(16, bool)})
+  drawn = step(batch)
+  for x, y in zip(jax.tree.leaves(flipped), jax.tree.leaves(mirrored)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(flipped[1]["loss"], drawn[1]["loss"], rtol=1e-6)
+
+
+def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config):
+  smoke_config.update(augment="none", image_size=32)
+  with_cutout = smoke_config.copy_and_resolve_references()
+  with_cutout.cutout = 6
+  state, batch = _state(smoke_config), _batch(with_cutout)
+  erased = (input_pipeline.preprocess(batch["image"], with_cutout, batch) == 0).all(-1).sum((1, 2))
+  assert 9 <= int(erased.min()) and int(erased.max()) == 36
+  loss = lambda c: steps.train_step(state, batch, jax.random.key(0), c)[1]["loss"]
+  assert not np.allclose(loss(with_cutout), loss(smoke_config), rtol=1e-6)
+
+
+def test_learning_rate_at_each_boundary(smoke_config):
+  smoke_config.learning_rate = 0.01
+  smoke_config.lr_boundaries = (100, 200)
+  smoke_config.lr_values = (0.001, 0.0001)
+  spe = 390
+  lr = steps.learning_rate_schedule(smoke_config, spe)
+  for step, expected in [(0, 0.01), (100 * spe - 1, 0.01), (100 * spe, 0.001),
+                         (200 * spe - 1, 0.001), (200 * spe, 0.0001), (250 * spe, 0.0001)]:
+    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-6)
+
+
+def test_weight_decay_skips_depthwise_batchnorm_and_biases(smoke_config):
+  smoke_config.model.use_bias = True
+  params = _state(smoke_config).params
+  expected = 0.5 * sum(float(jnp.sum(w ** 2)) for path, w in
+                       jax.tree_util.tree_flatten_with_path(params)[0]
+                       if path[-1].key == "kernel" and "depthwise" not in str(path))
+  np.testing.assert_allclose(float(steps.l2_penalty(params)), expected, rtol=1e-5)
+
+
+def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
+  logits = jax.random.normal(jax.random.key(0), (8, 10)) * 3
+  labels = jnp.arange(8) % 10
+  plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  uniform = jnp.mean(jax.nn.logsumexp(logits, -1) - logits.mean(-1))  # CE against 1/10 each.
+  np.testing.assert_allclose(steps.training_loss(logits, labels), plain, rtol=1e-6)
+  np.testing.assert_allclose(steps.training_loss(logits, labels, 0.2), 0.8 * plain + 0.2 * uniform,
+                             rtol=1e-5)
