@@ -96,3 +96,12 @@ def start_mocked(*args, log, env=None):
   cmd, full_env = _mocked_command(args, env)
   with open(log, "w", encoding="utf-8") as out:
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """One smoke training (2 epochs, 8 steps) by run.py, for the tests that only read it."""
+  workdir = tmp_path_factory.mktemp("smoke")
+  result = run_mocked(*smoke_args(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

@@ -48,14 +48,6 @@ def test_tflite_float_logits_match_jax(stem, alpha):
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("smoke")
-  result = run_mocked(*smoke_args(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
 def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
     trained_workdir, tmp_path):
   old, explicit = tmp_path / "old", tmp_path / "explicit"

@@ -10,9 +10,9 @@ from mobilenet_jax import inference, input_pipeline
 
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(smoke_config):
   state, images = _state(smoke_config), _batch(smoke_config)["image"]
-  logits = lambda x, flip: inference.eval_logits(
+  logits = jax.jit(lambda x, flip: inference.eval_logits(
       state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, x, smoke_config,
-      inference.Views(flip=flip))
+      inference.Views(flip=flip)), static_argnums=1)
   plain, mirrored = logits(images, False), logits(images[:, :, ::-1], False)
   averaged = logits(images, True)
   scale = float(np.abs(plain).max())  # Logits of an untrained network are small.
@@ -28,13 +28,14 @@ def test_eval_shift_averages_a_3x3_grid_of_translations_of_each_view(smoke_confi
   x = input_pipeline.preprocess(images, smoke_config)
   views = [np.roll(np.pad(v, ((0, 0), (2, 2), (2, 2), (0, 0))), (dy, dx), (1, 2))[:, 2:-2, 2:-2]
            for v in (x, x[:, :, ::-1]) for dy in (-2, 0, 2) for dx in (-2, 0, 2)]
-  expected = np.mean([state.apply_fn(variables, v, train=False) for v in views], axis=0)
-  shifted = inference.eval_logits(state.apply_fn, variables, images, smoke_config,
-                                  inference.Views(flip=True, shift=2))
+  apply = jax.jit(lambda x: state.apply_fn(variables, x, train=False))
+  expected = np.mean([apply(v) for v in views], axis=0)
+  logits = jax.jit(lambda x, views: inference.eval_logits(state.apply_fn, variables, x,
+                                                          smoke_config, views), static_argnums=1)
+  shifted = logits(images, inference.Views(flip=True, shift=2))
   scale = float(np.abs(expected).max())
   np.testing.assert_allclose(shifted, expected, rtol=1e-4, atol=1e-4 * scale)
-  flipped_only = inference.eval_logits(state.apply_fn, variables, images, smoke_config,
-                                       inference.Views(flip=True))
+  flipped_only = logits(images, inference.Views(flip=True))
   assert np.abs(shifted - flipped_only).max() > 0.05 * scale  # The translations do count.
 
 

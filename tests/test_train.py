@@ -139,13 +139,15 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
-  args = smoke_args(tmp_path)
-  assert run_mocked(*args, "--config.num_epochs=1").returncode == 0
-  result = run_mocked(*args, "--config.learning_rate=1e30", "--config.lr_values=(1e30, 1e30)")
-  assert result.returncode != 0
-  assert "The training loss became nan" in result.stderr or "became inf" in result.stderr
-  assert "last good checkpoint (step 4)" in result.stderr
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  smoke_config.num_epochs = 1
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  smoke_config.update(num_epochs=2, learning_rate=1e30, lr_values=(1e30, 1e30))
+  with pytest.raises(FloatingPointError, match=r"The training loss became (nan|inf) in epoch 2 "
+                     r"\(step 8\)\. Stopped; the last good checkpoint \(step 4\) is kept"):
+    train.train_and_evaluate(smoke_config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
@@ -185,9 +187,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert saved > 4 and f"SIGTERM: saved the checkpoint at step {saved}" in stderr
 
 
-def test_resuming_with_an_incompatible_config_says_so(tmp_path):
-  args = smoke_args(tmp_path, "--config.num_epochs=1")
-  assert run_mocked(*args).returncode == 0
-  result = run_mocked(*args, "--config.model.alpha=0.5", "--config.num_epochs=2")
-  assert result.returncode != 0
-  assert "does not fit the configured model or optimizer" in result.stderr
+def test_resuming_with_an_incompatible_config_says_so(mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  smoke_config.num_epochs = 1
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  smoke_config.num_epochs, smoke_config.model.alpha = 2, 0.5
+  with pytest.raises(checkpoints.MismatchedCheckpointError,
+                     match="does not fit the configured model or optimizer"):
+    train.train_and_evaluate(smoke_config, str(tmp_path))
