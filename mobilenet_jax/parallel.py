@@ -27,7 +27,10 @@ class _Runner:
     self.config = config
     self.num_devices = jax.device_count()
     self.sampler = sampler_lib.Sampler(config, num_train)
-    self.steps_per_epoch = self.sampler.steps_per_epoch
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.sampler.steps_per_epoch
 
   def _evaluate(self, state, images, labels, mask, views):
     """Metric sums over the eval batches, on the test-time `views` (`inference.Views`)."""

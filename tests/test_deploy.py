@@ -77,10 +77,9 @@ def _predict(workdir, *args):
                          *map(str, args)], cwd=ROOT, capture_output=True, text=True, check=False)
 
 
-def _expected_top(trained_workdir, image, top):
+def _expected_top(trained, image, top):
   """The `top` lines predict should print for an RGB uint8 image, computed with numpy from the
   model's logits on the image's centre square."""
-  trained = workdirs.load(str(trained_workdir))
   config = trained.config
   h, w = image.shape[:2]
   side = min(h, w)
@@ -107,9 +106,9 @@ def test_predict_prints_the_most_probable_classes_for_png_jpeg_gray_and_rgba(
              "gray.png": np.repeat(rgb[..., :1], 3, -1), "rgba.png": rgb}
   result = _predict(trained_workdir, *paths, "--top=3")
   assert result.returncode == 0, result.stderr[-3000:]
-  expected = []
+  trained, expected = workdirs.load(str(trained_workdir)), []
   for path, image in zip(paths, as_read.values()):
-    expected += [str(path), *_expected_top(trained_workdir, image, 3)]
+    expected += [str(path), *_expected_top(trained, image, 3)]
   assert result.stdout.splitlines() == expected
 
 
