@@ -402,16 +402,25 @@ def test_a_state_dict_of_another_architecture_is_rejected(tmp_path):
 
 # ---- Fine-tuning: config.init_from a converted workdir. ----
 
-def _converted_smoke_workdir(tmp_path, num_classes=10):
-  from configs import cifar  # pylint: disable=g-import-not-at-top
-  config = cifar.get_config("smoke")
-  config.model.num_classes = num_classes
-  reference = _keras_reference(0.25, num_classes=num_classes)
-  _randomize_keras_batchnorm(reference)
-  variables, _ = convert.from_keras(reference, convert.template_variables(config))
-  workdir = str(tmp_path / "converted")
-  convert.write_workdir(config, variables, workdir, convert.default_labels("keras", num_classes))
-  return workdir, variables
+@pytest.fixture(scope="module")
+def converted_workdir(tmp_path_factory):
+  """`converted_workdir(num_classes)`: (workdir, variables) of a random-weight Keras reference
+  converted for the smoke preset, made once per class count; the tests only read it."""
+  made = {}
+
+  def make(num_classes=10):
+    if num_classes not in made:
+      config = cifar.get_config("smoke")
+      config.model.num_classes = num_classes
+      reference = _keras_reference(0.25, num_classes=num_classes)
+      _randomize_keras_batchnorm(reference)
+      variables, _ = convert.from_keras(reference, convert.template_variables(config))
+      workdir = str(tmp_path_factory.mktemp("converted"))
+      convert.write_workdir(config, variables, workdir,
+                            convert.default_labels("keras", num_classes))
+      made[num_classes] = workdir, variables
+    return made[num_classes]
+  return make
 
 
 def _fine_tune_start(config):
@@ -422,9 +431,8 @@ def _fine_tune_start(config):
   return model, fresh, workdirs.start_from(fresh, config)
 
 
-def test_init_from_starts_from_the_converted_logits(tmp_path):
-  from configs import cifar  # pylint: disable=g-import-not-at-top
-  workdir, converted = _converted_smoke_workdir(tmp_path)
+def test_init_from_starts_from_the_converted_logits(converted_workdir):
+  workdir, converted = converted_workdir()
   config = cifar.get_config("smoke")
   config.init_from = workdir
   model, fresh, start = _fine_tune_start(config)
@@ -437,9 +445,8 @@ def test_init_from_starts_from_the_converted_logits(tmp_path):
                                             "batch_stats": fresh.batch_stats}, images))
 
 
-def test_init_from_another_class_count_starts_a_new_head(tmp_path, caplog):
-  from configs import cifar  # pylint: disable=g-import-not-at-top
-  workdir, converted = _converted_smoke_workdir(tmp_path, num_classes=7)
+def test_init_from_another_class_count_starts_a_new_head(converted_workdir, caplog):
+  workdir, converted = converted_workdir(num_classes=7)
   config = cifar.get_config("smoke")
   config.init_from = workdir
   with caplog.at_level("INFO"):
@@ -452,9 +459,8 @@ def test_init_from_another_class_count_starts_a_new_head(tmp_path, caplog):
                                 converted["batch_stats"]["block13"]["pointwise"]["bn"]["var"])
 
 
-def test_init_from_another_layout_names_the_flags_to_pass(tmp_path):
-  from configs import cifar  # pylint: disable=g-import-not-at-top
-  workdir, _ = _converted_smoke_workdir(tmp_path)
+def test_init_from_another_layout_names_the_flags_to_pass(converted_workdir):
+  workdir, _ = converted_workdir()
   config = cifar.get_config("smoke")
   config.init_from = workdir
   config.model.update(cifar.PYTORCH_LAYOUT)
@@ -464,9 +470,9 @@ def test_init_from_another_layout_names_the_flags_to_pass(tmp_path):
     _fine_tune_start(config)
 
 
-def test_fine_tuning_from_a_converted_workdir_runs_the_smoke_preset(tmp_path):
+def test_fine_tuning_from_a_converted_workdir_runs_the_smoke_preset(tmp_path, converted_workdir):
   from conftest import run_mocked, smoke_args  # pylint: disable=g-import-not-at-top
-  workdir, _ = _converted_smoke_workdir(tmp_path, num_classes=7)
+  workdir, _ = converted_workdir(num_classes=7)
   result = run_mocked(*smoke_args(tmp_path / "tuned", f"--config.init_from={workdir}"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "tuned" / "results.json").exists()

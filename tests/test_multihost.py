@@ -132,18 +132,32 @@ def test_two_processes_train_as_one_process_with_two_devices(reference, tmp_path
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
 
 
-def test_a_killed_process_stops_the_other_and_both_resume_as_a_straight_run(reference, tmp_path):
+def test_a_preempted_then_killed_run_stops_together_and_resumes_as_a_straight_run(reference,
+                                                                                tmp_path):
   ref_dir, _ = reference
   workdir = tmp_path / "run"
+  # A preemption notice (SIGTERM) reaches one host: both save the same step and exit cleanly.
   runs = _start(workdir, "--config.num_epochs=1000")
-  _wait_for_checkpoint(runs, workdir, 8)
+  _wait_for_checkpoint(runs, workdir, 4)
+  runs[1][0].send_signal(signal.SIGTERM)
+  codes, logs = _wait(runs, timeout=BOUND_S)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  saved = checkpoints.Checkpointer(str(workdir), 100).latest_step()
+  for log in logs:
+    assert f"SIGTERM: saved the checkpoint at step {saved}" in log, log[-3000:]
+
+  # The rerun resumes there; then one process dies without notice: the other stops too.
+  runs = _start(workdir, "--config.num_epochs=1000")
+  _wait_for_checkpoint(runs, workdir, (saved // 4 + 1) * 4)
   runs[1][0].send_signal(signal.SIGKILL)
   killed_at = time.time()
   codes, logs = _wait(runs, timeout=BOUND_S)
+  assert f"Resuming from the checkpoint at step {saved}" in logs[0], logs[0][-3000:]
   assert codes[0] not in (0, "timeout"), logs[0][-3000:]
   assert time.time() - killed_at < BOUND_S
   assert "Process 0 of 2 stopped" in logs[0] and "Rerun all processes" in logs[0], logs[0][-3000:]
 
+  # Rerun once more to the end of the epoch after the last checkpoint: as if never stopped.
   last = checkpoints.Checkpointer(str(workdir), 100).latest_step()
   epochs = last // 4 + 1
   assert 2 <= epochs <= REFERENCE_EPOCHS, last
@@ -177,15 +191,3 @@ def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
   assert codes[0] not in (0, "timeout") and time.time() - start < BOUND_S
   assert "did not answer within config.distributed_timeout_s=5" in logs[0], (
       logs[0][-3000:])
-
-
-def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_cleanly(tmp_path):
-  workdir = tmp_path / "run"
-  runs = _start(workdir, "--config.num_epochs=1000")
-  _wait_for_checkpoint(runs, workdir, 4)
-  runs[1][0].send_signal(signal.SIGTERM)  # A preemption notice reaches one host.
-  codes, logs = _wait(runs, timeout=BOUND_S)
-  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-  saved = checkpoints.Checkpointer(str(workdir), 100).latest_step()
-  for log in logs:
-    assert f"SIGTERM: saved the checkpoint at step {saved}" in log, log[-3000:]
