@@ -7,6 +7,8 @@ random, non-trivial BatchNorm statistics, saved and loaded as a user would, conv
 and run on the same random images; then this project's weights go back into a fresh
 reference model. Logits must agree within 1e-5 of the largest |logit|.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -406,20 +408,16 @@ def test_a_state_dict_of_another_architecture_is_rejected(tmp_path):
 def converted_workdir(tmp_path_factory):
   """`converted_workdir(num_classes)`: (workdir, variables) of a random-weight Keras reference
   converted for the smoke preset, made once per class count; the tests only read it."""
-  made = {}
-
+  @functools.cache
   def make(num_classes=10):
-    if num_classes not in made:
-      config = cifar.get_config("smoke")
-      config.model.num_classes = num_classes
-      reference = _keras_reference(0.25, num_classes=num_classes)
-      _randomize_keras_batchnorm(reference)
-      variables, _ = convert.from_keras(reference, convert.template_variables(config))
-      workdir = str(tmp_path_factory.mktemp("converted"))
-      convert.write_workdir(config, variables, workdir,
-                            convert.default_labels("keras", num_classes))
-      made[num_classes] = workdir, variables
-    return made[num_classes]
+    config = cifar.get_config("smoke")
+    config.model.num_classes = num_classes
+    reference = _keras_reference(0.25, num_classes=num_classes)
+    _randomize_keras_batchnorm(reference)
+    variables, _ = convert.from_keras(reference, convert.template_variables(config))
+    workdir = str(tmp_path_factory.mktemp("converted"))
+    convert.write_workdir(config, variables, workdir, convert.default_labels("keras", num_classes))
+    return workdir, variables
   return make
 
 

@@ -22,6 +22,7 @@ from conftest import run_mocked, start_mocked
 from mobilenet_jax import checkpoints
 
 REFERENCE_EPOCHS = 12
+STEPS_PER_EPOCH = 4  # 64 mock training examples in batches of 16.
 # The well-conditioned network of test_parallel.py (the 16x16 smoke one amplifies rounding).
 COMMON = ["--config=configs/cifar.py:smoke", "--config.download=False",
           "--config.progress_bar=False", "--config.model.shallow=True", "--config.image_size=32",
@@ -75,6 +76,14 @@ def _wait_for_checkpoint(runs, workdir, step, timeout=100):
   while not (workdir / "checkpoints" / str(step)).exists():
     assert all(proc.poll() is None for proc, _ in runs) and time.time() < deadline
     time.sleep(0.05)
+
+
+def _latest_step(workdir):
+  checkpointer = checkpoints.Checkpointer(str(workdir), 100)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
 
 
 def _state_at(workdir, step):
@@ -138,17 +147,17 @@ def test_a_preempted_then_killed_run_stops_together_and_resumes_as_a_straight_ru
   workdir = tmp_path / "run"
   # A preemption notice (SIGTERM) reaches one host: both save the same step and exit cleanly.
   runs = _start(workdir, "--config.num_epochs=1000")
-  _wait_for_checkpoint(runs, workdir, 4)
+  _wait_for_checkpoint(runs, workdir, STEPS_PER_EPOCH)
   runs[1][0].send_signal(signal.SIGTERM)
   codes, logs = _wait(runs, timeout=BOUND_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-  saved = checkpoints.Checkpointer(str(workdir), 100).latest_step()
+  saved = _latest_step(workdir)
   for log in logs:
     assert f"SIGTERM: saved the checkpoint at step {saved}" in log, log[-3000:]
 
   # The rerun resumes there; then one process dies without notice: the other stops too.
   runs = _start(workdir, "--config.num_epochs=1000")
-  _wait_for_checkpoint(runs, workdir, (saved // 4 + 1) * 4)
+  _wait_for_checkpoint(runs, workdir, (saved // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH)
   runs[1][0].send_signal(signal.SIGKILL)
   killed_at = time.time()
   codes, logs = _wait(runs, timeout=BOUND_S)
@@ -158,13 +167,14 @@ def test_a_preempted_then_killed_run_stops_together_and_resumes_as_a_straight_ru
   assert "Process 0 of 2 stopped" in logs[0] and "Rerun all processes" in logs[0], logs[0][-3000:]
 
   # Rerun once more to the end of the epoch after the last checkpoint: as if never stopped.
-  last = checkpoints.Checkpointer(str(workdir), 100).latest_step()
-  epochs = last // 4 + 1
+  last = _latest_step(workdir)
+  epochs = last // STEPS_PER_EPOCH + 1
   assert 2 <= epochs <= REFERENCE_EPOCHS, last
   codes, logs = _wait(_start(workdir, f"--config.num_epochs={epochs}"), timeout=110)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert f"Resuming from the checkpoint at step {last}" in logs[0]
-  _assert_states_equal(_state_at(workdir, epochs * 4), _state_at(ref_dir, epochs * 4))
+  _assert_states_equal(_state_at(workdir, epochs * STEPS_PER_EPOCH),
+                       _state_at(ref_dir, epochs * STEPS_PER_EPOCH))
 
 
 @pytest.mark.parametrize("per_process, message", [
