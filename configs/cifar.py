@@ -21,15 +21,27 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "train"            # 'train' | 'eval' (test accuracy of the workdir's latest checkpoint)
 
-  # Data (mobilenet_jax/input_pipeline.py).
-  c.dataset = "cifar10"      # Any tfds image classification dataset (grayscale is read as RGB).
+  # Data (mobilenet_jax/datasets.py).
+  # Any tfds image classification dataset (grayscale is read as RGB), or 'folder:PATH': one
+  # subfolder of images per class, or train/ and val/ (or test/) folders of those (folders.py).
+  c.dataset = "cifar10"
+  c.folder_holdout = 0.1     # Held out of each class for evaluation when a folder has no val/.
+  # 'device': the splits held in device memory, each step's batch gathered there; 'stream':
+  # each step's batch read on the host, per process (streaming.py); 'auto': device when the
+  # training split takes at most input_device_share of one device's memory, else stream.
+  c.input = "device"
+  c.input_device_share = 0.5
+  c.input_workers = ml_collections.config_dict.placeholder(int)  # Decode threads; None: 1/core.
+  c.prefetch = 2             # Streamed batches put on the devices ahead of the step.
   c.train_split = "train"    # tfds split names, slicing allowed: 'train[:90%]', 'train[90%:]'.
   c.eval_split = "test"
   # None: $TFDS_DATA_DIR, then tfds' default.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.download = True
   c.image_size = 32          # The paper's resolution multiplier: resize on device.
-  c.augment = "crop+flip"    # 'none' | 'crop' | 'flip' | 'crop+flip'
+  # 'none' | 'crop' | 'flip' | 'crop+flip' (on device) | 'inception' (random-resized crop and
+  # flip of image files, on the host: streamed folders).
+  c.augment = "crop+flip"
   c.crop_padding = 4         # Random translation of up to 4 pixels (0.125 of 32).
   # Mirror each training image in every other epoch (random first epoch) instead of at random.
   c.alternate_flips = False
@@ -48,7 +60,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.eval_resize = "bilinear"
   c.mean = (125.307, 122.95, 113.865)
   c.std = (62.9932, 62.0887, 66.7048)
-  # None: the whole split; an int keeps the split's first n examples.
+  # tfds datasets: None, the whole split; an int keeps the split's first n examples.
   c.train_examples = ml_collections.config_dict.placeholder(int)
   c.eval_examples = ml_collections.config_dict.placeholder(int)
 
@@ -71,6 +83,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Optimization (mobilenet_jax/train.py): SGD, Nesterov, piecewise-constant rate.
   c.batch_size = 128          # Global, across all devices.
+  # With it set, batch_size is this many images per process times the number of processes.
+  c.per_process_batch_size = ml_collections.config_dict.placeholder(int)
+  # With it set, every rate below is for a batch of this many images and scales linearly to
+  # batch_size (Goyal et al., 2017); None: the rates are used as written.
+  c.lr_batch = ml_collections.config_dict.placeholder(int)
   c.num_epochs = 250
   c.learning_rate = 0.01        # Until the first boundary.
   c.lr_boundaries = (100, 200)  # In epochs.

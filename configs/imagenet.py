@@ -18,8 +18,33 @@ resized to image_size / 0.875 (Keras: bilinear, timm: bicubic), then the centre 
 - `,cifar10`: fine-tunes that layout on CIFAR-10 (10 classes, a new head, `init_from` a converted
   workdir): 5 epochs, 0.01 for 3 then 0.001, CIFAR's translation and flip before the upscale.
 
-Training on ImageNet itself needs a pipeline that streams it: the device pipeline reads a whole
-split into memory, so these presets are for converted checkpoints and fine-tuning.
+`:train` trains MobileNetV1 on ImageNet from scratch, streamed from a folder of JPEGs:
+
+  python run.py --config=configs/imagenet.py:train --config.dataset=folder:/data/imagenet \
+      --workdir=workdirs/imagenet_1.0_224        # on each host of a multi-host run, with
+      # --config.distributed=True (README, Multi-host); alpha and resolution as flags:
+      # --config.model.alpha=0.5 --config.image_size=160
+
+The recipe is TF-slim's `nets/mobilenet_v1_train.py` (tensorflow/models), the MobileNetV1
+authors' published training script: plain SGD at 0.045 for 64 images, decayed by 0.94 every
+2.5 epochs (staircase), L2 weight decay 4e-5 on all but the depthwise kernels, BatchNorm decay
+0.9997 and epsilon 1e-3, dropout 1e-3 before the head, ReLU6 and TensorFlow's padding, pixels
+scaled to [-1, 1]. Adapted: 64 images per process with the rate scaled linearly to the global
+batch (`lr_batch`; Goyal et al., 2017), 100 epochs (slim sets no end), He-normal kernels
+(slim: truncated normal, stddev 0.09), and Inception's random-resized crop and flip without
+its colour distortion; evaluation resizes the shorter side to 256 and takes the centre 224.
+The paper reports 70.6% top-1 for 1.0-224; this preset has not been run to the end here.
+
+ImageNet must be downloaded by hand (its licence needs an account):
+1. At https://image-net.org/download-images.php (ILSVRC 2012), download
+   ILSVRC2012_img_train.tar (138 GB) and ILSVRC2012_img_val.tar (6.3 GB).
+2. mkdir -p /data/imagenet/train /data/imagenet/val; cd /data/imagenet/train;
+   tar xf ILSVRC2012_img_train.tar; for f in *.tar; do d=${f%.tar}; mkdir $d;
+   tar xf $f -C $d; rm $f; done        # 1000 folders n01440764 ... of JPEGs
+3. cd /data/imagenet/val; tar xf ILSVRC2012_img_val.tar, then sort the 50,000 images into the
+   same 1000 class folders with the widely used script
+   https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh
+4. Pass --config.dataset=folder:/data/imagenet (every host reads the same path, e.g. NFS).
 """
 import ml_collections
 
@@ -34,10 +59,12 @@ RESIZE = {"keras": "bilinear", "timm": "bicubic"}
 
 
 def get_config(preset: str = "keras") -> ml_collections.ConfigDict:
+  if preset == "train":
+    return _train_config()
   layout, _, target = preset.partition(",")
   if layout not in LAYOUTS or target not in ("", "cifar10"):
     raise ValueError(f"Unknown preset {preset!r} in configs/imagenet.py: use 'keras' or 'timm', "
-                     "optionally followed by ',cifar10'.")
+                     "optionally followed by ',cifar10', or 'train'.")
   c = cifar.get_config()
   c.model.update(num_classes=1000, stem_stride=2, use_bias=False, **LAYOUTS[layout])
   c.model.kernel_init = "he_normal" if layout == "keras" else "torch"
@@ -54,4 +81,23 @@ def get_config(preset: str = "keras") -> ml_collections.ConfigDict:
     c.num_epochs, c.lr_boundaries, c.lr_values = 5, (3,), (0.001,)
     c.learning_rate = 0.01
     c.batch_size = 64
+  return c
+
+
+def _train_config() -> ml_collections.ConfigDict:
+  """TF-slim's MobileNetV1 recipe on a streamed ImageNet folder (module docstring)."""
+  c = get_config("keras")
+  c.model.update(bn_momentum=0.9997, bn_epsilon=1e-3, dropout=1e-3)
+  c.dataset = "folder:~/imagenet"
+  c.input = "auto"  # Streams: the random-resized crop reads each file anew.
+  c.augment = "inception"
+  c.per_process_batch_size = 64
+  c.lr_batch = 64
+  c.momentum = 0.0  # Slim's GradientDescentOptimizer.
+  c.weight_decay = 4e-5
+  c.num_epochs = 100
+  c.learning_rate = 0.045
+  c.lr_boundaries = tuple(2.5 * k for k in range(1, 40))
+  c.lr_values = tuple(0.045 * 0.94 ** k for k in range(1, 40))
+  c.keep_checkpoints = 2
   return c

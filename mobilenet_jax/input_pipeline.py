@@ -24,7 +24,8 @@ import numpy as np
 
 from mobilenet_jax import multihost
 
-AUGMENT_MODES = ("none", "crop", "flip", "crop+flip")
+# "inception": the random-resized crop and flip, on the host (streamed image files only).
+AUGMENT_MODES = ("none", "crop", "flip", "crop+flip", "inception")
 MIN_IMAGE_SIZE = 8
 
 
@@ -38,8 +39,13 @@ class UnknownSplitError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+  """A split in host memory; as a streamed source (`streaming.py`), its images fixed-size."""
   images: np.ndarray  # (n, h, w, c) uint8
   labels: np.ndarray  # (n,) int32
+  fixed_size = True
+
+  def __len__(self):
+    return len(self.labels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,8 @@ on-device batch gather (`sampler.py`), and expose the same operations (put/get s
 and data, shuffle, train, evaluate, fetch metrics), so the training loop does not
 know which one it drives. Datasets are replicated on every device (CIFAR is 150 MB as uint8); each
 step gathers the global batch from the epoch's permutation, sharded along the
-batch axis.
+batch axis. `DeviceFeed` is that input as the training loop takes it; with streamed input
+(`streaming.StreamFeed`, jit only) each step's batch arrives from the host instead.
 """
 
 import jax
@@ -45,20 +46,28 @@ class JitRunner(_Runner):
   """`jax.jit` with the batch sharded over a ('data',) mesh and everything else replicated."""
   axis_name = None
 
-  def __init__(self, config, num_train: int):
+  def __init__(self, config, num_train: int, streamed: bool = False):
     super().__init__(config, num_train)
     self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
-    batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
 
-    def train(state, data, perm):
-      batch = jax.lax.with_sharding_constraint(self.sampler.batch(state.step, data, perm),
-                                               batch_sharding)
+    def step(state, batch):
+      batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
       return steps.train_step(state, batch, self.sampler.step_key(state.step), config)
 
-    self.train = jax.jit(train, donate_argnums=0)
+    def gathered(state, data, perm):
+      return step(state, self.sampler.batch(state.step, data, perm))
+
+    def streamed_step(state, batch):  # 'image', 'label' and 'index' (the examples') from the host.
+      return step(state, {**batch, **self.sampler.draws(state.step, batch["index"])})
+
+    self.train = jax.jit(streamed_step if streamed else gathered, donate_argnums=0)
     self.shuffle = jax.jit(lambda state: self.sampler.permutation(state.step))
     self.evaluate = jax.jit(self._evaluate, static_argnames="views")
+    self.evaluate_batch = jax.jit(
+        lambda state, images, labels, mask, views: steps.eval_step(
+            state, images, labels, mask, config, views), static_argnames="views")
 
   def _put(self, x, sharding):
     x = np.asarray(x)
@@ -87,7 +96,10 @@ class PmapRunner(_Runner):
   """`jax.pmap` over all devices: state and data replicated, each device takes its batch slice."""
   axis_name = AXIS
 
-  def __init__(self, config, num_train: int):
+  def __init__(self, config, num_train: int, streamed: bool = False):
+    if streamed:
+      raise ValueError("config.input='stream' runs under jit: pass --config.parallel=jit (or "
+                       "--config.input=device).")
     super().__init__(config, num_train)
     local = config.batch_size // self.num_devices
     self.devices = jax.local_devices()
@@ -140,7 +152,29 @@ class PmapRunner(_Runner):
     return self._first(metrics)
 
 
-def create_runner(config, num_train: int):
+def create_runner(config, num_train: int, streamed: bool = False):
+  """The runner of config.parallel; `streamed`: its train step takes batches from the host."""
   if config.parallel not in PARALLEL_MODES:
     raise ValueError(f"config.parallel={config.parallel!r}: expected one of {PARALLEL_MODES}.")
-  return (JitRunner if config.parallel == "jit" else PmapRunner)(config, num_train)
+  return (JitRunner if config.parallel == "jit" else PmapRunner)(config, num_train, streamed)
+
+
+class DeviceFeed:
+  """The dataset held on the devices: each step gathers its batch there (the default input)."""
+
+  def __init__(self, runner, data):
+    self.runner = runner
+    self.train_data = runner.put_train_data(data.train)
+    self.eval_data = runner.put_eval_data(data.test)
+
+  def train_steps(self, state, start: int, stop: int):
+    """Yields the train step's data arguments for steps [start, stop) of one epoch."""
+    permutation = self.runner.shuffle(state)
+    for _ in range(start, stop):
+      yield self.train_data, permutation
+
+  def evaluate(self, state, views):
+    return self.runner.evaluate(state, *self.eval_data, views)
+
+  def close(self):
+    pass

@@ -64,16 +64,23 @@ class Sampler:
     """The key of `step`: its augmentation draws, and `train_step`'s dropout, come from it."""
     return jax.random.fold_in(self._augment_key, step)
 
-  def batch(self, step, data, permutation, offset: int = 0, size: int | None = None):
-    """Examples [offset, offset + size) of `step`'s global batch (all of it by default), with
-    their augmentation draws: {'image', 'label', 'shift', 'flip'[, 'cutout']}."""
+  def draws(self, step, indices, offset: int = 0, size: int | None = None):
+    """The augmentation draws of examples [offset, offset + size) of `step`'s global batch
+    (all of it by default), dataset examples `indices`: {'shift', 'flip'[, 'cutout']}."""
     config = self.config
     size = config.batch_size if size is None else size
-    start = (step % self.steps_per_epoch) * config.batch_size + offset
-    indices = jax.lax.dynamic_slice_in_dim(permutation, start, size)
     draws = augmentation_draws(self.step_key(step), config.batch_size, config.crop_padding,
                                config.cutout)
     draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, offset, size), draws)
     if config.alternate_flips:
       draws["flip"] = alternating_flips(self._flip_key, indices, step // self.steps_per_epoch)
-    return {"image": data["image"][indices], "label": data["label"][indices], **draws}
+    return draws
+
+  def batch(self, step, data, permutation, offset: int = 0, size: int | None = None):
+    """Examples [offset, offset + size) of `step`'s global batch (all of it by default), with
+    their augmentation draws: {'image', 'label', 'shift', 'flip'[, 'cutout']}."""
+    size = self.config.batch_size if size is None else size
+    start = (step % self.steps_per_epoch) * self.config.batch_size + offset
+    indices = jax.lax.dynamic_slice_in_dim(permutation, start, size)
+    return {"image": data["image"][indices], "label": data["label"][indices],
+            **self.draws(step, indices, offset, size)}

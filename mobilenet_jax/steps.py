@@ -24,12 +24,14 @@ class TrainState(train_state.TrainState):
 def learning_rate_schedule(config, steps_per_epoch: int):
   """Piecewise-constant rate: `learning_rate`, then `lr_values[i]` from epoch `lr_boundaries[i]`.
 
+  With `lr_batch` set, every rate is scaled by batch_size / lr_batch (linear scaling).
   optax takes each boundary's ratio to the rate before it: converted here, and only here.
   """
   rates = (config.learning_rate, *config.lr_values)
+  scale = config.batch_size / config.lr_batch if config.lr_batch else 1.0
   return optax.piecewise_constant_schedule(
-      config.learning_rate, {int(b * steps_per_epoch): after / before for b, before, after
-                             in zip(config.lr_boundaries, rates, rates[1:])})
+      config.learning_rate * scale, {int(b * steps_per_epoch): after / before for b, before, after
+                                     in zip(config.lr_boundaries, rates, rates[1:])})
 
 
 def create_optimizer(config, steps_per_epoch: int):

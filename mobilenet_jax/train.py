@@ -4,6 +4,7 @@ Everything a step needs is derived from `state.step` on device by the sampler
 (the epoch's permutation, the batch offset, the augmentation draws), so a run
 that resumes from a checkpoint continues exactly as if it had never stopped.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,8 +19,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from mobilenet_jax import checkpoints, inference, input_pipeline, metric_logging, models, parallel
-from mobilenet_jax import steps, workdirs
+from mobilenet_jax import checkpoints, datasets, inference, input_pipeline
+from mobilenet_jax import metric_logging, models, parallel, steps, streaming, workdirs
 from mobilenet_jax import summary as summary_lib
 
 
@@ -38,6 +39,18 @@ def check_config(config, workdir: str) -> None:
     raise ConfigError(str(e)) from e
 
 
+def with_global_batch(config):
+  """`config`, with batch_size set from per_process_batch_size (if set) and the process count."""
+  if config.per_process_batch_size is None:
+    return config
+  if config.per_process_batch_size <= 0:
+    raise ConfigError(f"config.per_process_batch_size={config.per_process_batch_size}: must be "
+                      "> 0 (or None, to use config.batch_size as the global batch).")
+  config = config.copy_and_resolve_references()
+  config.batch_size = config.per_process_batch_size * jax.process_count()
+  return config
+
+
 def _check_config(config, workdir: str) -> None:
   def require(ok, message):
     if not ok:
@@ -51,6 +64,8 @@ def _check_config(config, workdir: str) -> None:
   require(config.mode in ("train", "eval"),
           f"config.mode={config.mode!r}: expected 'train' or 'eval'.")
   require(config.batch_size > 0, f"config.batch_size={config.batch_size}: must be > 0.")
+  require(config.lr_batch is None or config.lr_batch > 0,
+          f"config.lr_batch={config.lr_batch}: must be > 0 (or None: rates as written).")
   require(config.parallel in parallel.PARALLEL_MODES,
           f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}.")
   bounds = list(config.lr_boundaries)
@@ -68,6 +83,7 @@ def _check_config(config, workdir: str) -> None:
           "run.py trained or `python -m mobilenet_jax.convert` wrote.")
   models.check_config(config.model)
   input_pipeline.check_config(config, jax.device_count())
+  datasets.check_config(config)
   inference.check_config(config)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -142,8 +158,7 @@ class _Run:
   state: Any
   step: int
   first_step: int  # Where this invocation started (0, or the resumed checkpoint's step).
-  train_data: Any
-  eval_data: Any
+  feed: Any  # parallel.DeviceFeed or streaming.StreamFeed: each step's data arguments.
 
   @property
   def steps_per_epoch(self) -> int:
@@ -161,6 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config; only process 0 writes the workdir's files (checkpoints go through
   orbax, which coordinates the processes itself).
   """
+  config = with_global_batch(config)
   check_config(config, workdir)
   start = time.time()
   run = _set_up(config, workdir)
@@ -175,6 +191,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last_eval = _end_epoch(run, sums, throughput)
   finally:
     stop.restore()
+    run.feed.close()
     run.checkpointer.close()
     if run.logger:
       run.logger.close()
@@ -184,11 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _set_up(config, workdir: str) -> _Run:
   """Data on the devices, the model's summary, and the state: resumed, `init_from`, or new."""
   chief = jax.process_index() == 0
-  data = _load(config)
-  if len(data.train.labels) < config.batch_size:
-    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
-                      f"{len(data.train.labels)} training examples.")
-  runner = parallel.create_runner(config, len(data.train.labels))
+  data, runner, feed = _load(config)
   summary = summary_lib.summarize(models.create_model(config.model), config.image_size)
   if chief:
     print(summary.table(), flush=True)
@@ -208,7 +221,7 @@ def _set_up(config, workdir: str) -> _Run:
     workdirs.save_label_names(workdir, data.label_names)
   return _Run(config, workdir, runner, summary, checkpointer,
               metric_logging.MetricLogger(workdir) if chief else None, runner.put_state(state),
-              step, step, runner.put_train_data(data.train), runner.put_eval_data(data.test))
+              step, step, feed)
 
 
 def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dict:
@@ -217,25 +230,26 @@ def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dic
   config, runner = run.config, run.runner
   epoch = run.step // run.steps_per_epoch
   epoch_end = (epoch + 1) * run.steps_per_epoch
-  permutation = runner.shuffle(run.state)
   bar = tqdm.tqdm(total=run.steps_per_epoch, initial=run.step % run.steps_per_epoch,
                   desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
                   disable=not (run.logger and config.progress_bar))
   metrics = []
   throughput.start(run.step)
   with jax.transfer_guard_host_to_device("disallow"):
-    while run.step < epoch_end and not stop.requested:
-      run.state, step_metrics = runner.train(run.state, run.train_data, permutation)
-      metrics.append(step_metrics)
-      run.step += 1
-      if run.step == run.first_step + 1:  # Compiled: time from here.
-        jax.block_until_ready(step_metrics)
-        throughput.start(run.step)
-      bar.update(1)
-      stop.check(run.step)
-      if run.step % 50 == 0:
-        loss = float(runner.metrics(step_metrics)["loss"]) / config.batch_size
-        bar.set_postfix(loss=f"{loss:.3f}")
+    with contextlib.closing(run.feed.train_steps(run.state, run.step, epoch_end)) as inputs:
+      for args in inputs:
+        run.state, step_metrics = runner.train(run.state, *args)
+        metrics.append(step_metrics)
+        run.step += 1
+        if run.step == run.first_step + 1:  # Compiled: time from here.
+          jax.block_until_ready(step_metrics)
+          throughput.start(run.step)
+        bar.update(1)
+        if stop.check(run.step):
+          break
+        if run.step % 50 == 0:
+          loss = float(runner.metrics(step_metrics)["loss"]) / config.batch_size
+          bar.set_postfix(loss=f"{loss:.3f}")
     sums = _sum(runner.metrics(metrics)) if metrics else {"loss": 0.0}
   bar.close()
   throughput.stop(run.step, config.batch_size)
@@ -259,8 +273,8 @@ def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
              "epoch": epoch}
   evaluation = None
   if finished or epoch % config.eval_every_epochs == 0:
-    evaluation = _sum(runner.metrics(runner.evaluate(run.state, *run.eval_data,
-                                                     inference.Views.of(config, shift=False))))
+    evaluation = _sum(runner.metrics(run.feed.evaluate(run.state,
+                                                       inference.Views.of(config, shift=False))))
     scalars.update({k: v for k, v in _test_results(evaluation).items() if k != "test_examples"})
   if run.logger:
     run.logger.write(run.step, scalars)
@@ -274,8 +288,7 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
   are on: too costly for every epoch's), written to results.json."""
   config = run.config
   if last_eval is None or config.eval_shift:
-    last_eval = _sum(run.runner.metrics(run.runner.evaluate(run.state, *run.eval_data,
-                                                            inference.Views.of(config))))
+    last_eval = _sum(run.runner.metrics(run.feed.evaluate(run.state, inference.Views.of(config))))
   results = {**_test_results(last_eval), "epochs": config.num_epochs,
              "params": run.summary.params, "macs": run.summary.macs,
              "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
@@ -289,26 +302,37 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Test metrics of the latest checkpoint in `workdir` (`--config.mode=eval`), without training."""
+  config = with_global_batch(config)
   check_config(config, workdir)
   state = checkpoints.restore_trained(workdir, config)
-  data = _load(config)
-  runner = parallel.create_runner(config, len(data.train.labels))
-  test = _sum(runner.metrics(runner.evaluate(runner.put_state(state),
-                                             *runner.put_eval_data(data.test),
-                                             inference.Views.of(config))))
+  _, runner, feed = _load(config)
+  try:
+    test = _sum(runner.metrics(feed.evaluate(runner.put_state(state), inference.Views.of(config))))
+  finally:
+    feed.close()
   results = {**_test_results(test), "step": int(state.step)}
   print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} on "
         f"{results['test_examples']} examples (loss {results['test_loss']:.4f})", flush=True)
   return results
 
 
-def _load(config) -> input_pipeline.Dataset:
-  data = input_pipeline.load(config)
+def _load(config):
+  """The dataset, the runner for it and its feed (on device, or streamed from the host)."""
+  data, mode = datasets.load(config)
   if data.num_classes != config.model.num_classes:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes} but "
-                     f"{config.dataset} has {data.num_classes} classes: pass "
-                     f"--config.model.num_classes={data.num_classes}.")
-  return data
+                      f"{config.dataset} has {data.num_classes} classes: pass "
+                      f"--config.model.num_classes={data.num_classes}.")
+  if len(data.train) < config.batch_size:
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
+                      f"{len(data.train)} training examples.")
+  try:
+    runner = parallel.create_runner(config, len(data.train), streamed=mode == "stream")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if mode == "stream":
+    return data, runner, streaming.StreamFeed(config, runner, data.train, data.test)
+  return data, runner, parallel.DeviceFeed(runner, data)
 
 
 def _test_results(sums) -> dict:

@@ -1,8 +1,10 @@
 """Shared fixtures: tfds mock data (random CIFAR-shaped images) and the smoke config."""
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Test processes compile the same smoke-sized programs again and again: share a compilation cache.
@@ -78,24 +80,97 @@ def smoke_args(workdir, *flags):
           "--config.progress_bar=False", f"--workdir={workdir}", *flags]
 
 
-def _mocked_command(args, env):
-  return ([sys.executable, str(ROOT / "tests" / "mock_run.py"), *args],
-          {**os.environ, **(env or {})})
+def _mocked_command(args, env, mocked=True):
+  """run.py's command line (on tfds mock data if `mocked`) and environment."""
+  script = ROOT / "tests" / "mock_run.py" if mocked else ROOT / "run.py"
+  return [sys.executable, str(script), *args], {**os.environ, **(env or {})}
 
 
-def run_mocked(*args, env=None, timeout=600):
-  """Runs `run.py` in a fresh process on tfds mock data; returns the CompletedProcess."""
-  cmd, full_env = _mocked_command(args, env)
+def run_mocked(*args, env=None, timeout=600, mocked=True):
+  """Runs `run.py` in a fresh process (on tfds mock data if `mocked`); returns the
+  CompletedProcess."""
+  cmd, full_env = _mocked_command(args, env, mocked)
   return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout, check=False)
 
 
-def start_mocked(*args, log, env=None):
-  """Starts `run.py` on tfds mock data in the background, its stdout and stderr to the file
-  `log` (a pipe left unread would fill and block it); returns the Popen."""
-  cmd, full_env = _mocked_command(args, env)
+def start_mocked(*args, log, env=None, mocked=True):
+  """Starts `run.py` (on tfds mock data if `mocked`) in the background, its stdout and stderr
+  to the file `log` (a pipe left unread would fill and block it); returns the Popen."""
+  cmd, full_env = _mocked_command(args, env, mocked)
   with open(log, "w", encoding="utf-8") as out:
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(common, workdir, *args, num_processes=2, process_ids=None, per_process=None,
+                    mocked=True):
+  """Starts the processes of one multi-host run.py run, one CPU device each, on localhost:
+  `common` then `args` flags (`process_ids`: only these processes; `per_process[i]`: extra
+  flags of process i). Returns (Popen, log path) pairs."""
+  port = _free_port()
+  runs = []
+  for i in range(num_processes) if process_ids is None else process_ids:
+    log = f"{workdir}.{port}.{i}.log"  # One per launch: a rerun keeps the first's.
+    runs.append((start_mocked(*common, f"--workdir={workdir}", "--config.distributed=True",
+                              f"--config.coordinator_address=localhost:{port}",
+                              f"--config.num_processes={num_processes}",
+                              f"--config.process_id={i}", *args,
+                              *(per_process[i] if per_process else []), log=log,
+                              env={"XLA_FLAGS": ""}, mocked=mocked), log))
+  return runs
+
+
+def wait_all(runs, timeout):
+  """Each process's exit code ('timeout': killed after `timeout` s in all) and output."""
+  deadline = time.time() + timeout
+  codes = []
+  for proc, _ in runs:
+    try:
+      codes.append(proc.wait(timeout=max(1, deadline - time.time())))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      codes.append("timeout")
+  return codes, [open(log, encoding="utf-8").read() for _, log in runs]
+
+
+def wait_for_checkpoint(runs, workdir, step, timeout=100):
+  """Returns once the running processes have saved the checkpoint at `step`."""
+  deadline = time.time() + timeout
+  while not (workdir / "checkpoints" / str(step)).exists():
+    assert all(proc.poll() is None for proc, _ in runs) and time.time() < deadline
+    time.sleep(0.05)
+
+
+def latest_step(workdir):
+  from mobilenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpoints.Checkpointer(str(workdir), 100)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+
+
+def make_image_folder(root, num_classes=3, per_class=20, seed=0):
+  """`per_class` JPEGs of 24-64 pixels a side in each of `num_classes` class folders of
+  `root`, each class its own hue over noise (learnable in a few steps); returns `root`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for c in range(num_classes):
+    folder = pathlib.Path(root) / f"class_{c}"
+    folder.mkdir(parents=True, exist_ok=True)
+    colour = np.asarray([255 * (c == k % 3) for k in range(3)]) * (0.5 + 0.5 * (c // 3 % 2))
+    for i in range(per_class):
+      h, w = rng.integers(24, 65, 2)
+      image = 0.6 * colour + 0.4 * rng.integers(0, 256, (h, w, 3))
+      Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+  return root
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import re
-import socket
-import subprocess
 import time
 
 import flax
@@ -18,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import run_mocked, start_mocked
+from conftest import latest_step, run_mocked, start_processes, wait_all, wait_for_checkpoint
 from mobilenet_jax import checkpoints
 
 REFERENCE_EPOCHS = 12
@@ -29,61 +27,13 @@ COMMON = ["--config=configs/cifar.py:smoke", "--config.download=False",
           "--config.model.stem_stride=1", "--config.keep_checkpoints=100",
           "--config.heartbeat_timeout_s=10", "--config.distributed_timeout_s=30"]
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-ONE_DEVICE = {"XLA_FLAGS": ""}
 # pmap reduces the gradients in another order than jit: float32 rounding after 4 steps.
 RTOL, ATOL = 1e-5, 1e-6
 BOUND_S = 60  # A survivor or a misconfigured process must be gone within this.
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _start(workdir, *args, num_processes=2, process_ids=None, per_process=None):
-  """Starts the processes of one run (`process_ids`: only these); `per_process[i]`: extra flags
-  of process i. Returns (Popen, log path) pairs."""
-  port = _free_port()
-  runs = []
-  for i in range(num_processes) if process_ids is None else process_ids:
-    log = f"{workdir}.{port}.{i}.log"  # One per launch: a rerun keeps the first's.
-    runs.append((start_mocked(*COMMON, f"--workdir={workdir}", "--config.distributed=True",
-                              f"--config.coordinator_address=localhost:{port}",
-                              f"--config.num_processes={num_processes}",
-                              f"--config.process_id={i}", *args,
-                              *(per_process[i] if per_process else []), log=log, env=ONE_DEVICE),
-                 log))
-  return runs
-
-
-def _wait(runs, timeout):
-  """Each process's exit code ('timeout': killed after `timeout` s in all) and output."""
-  deadline = time.time() + timeout
-  codes = []
-  for proc, _ in runs:
-    try:
-      codes.append(proc.wait(timeout=max(1, deadline - time.time())))
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      codes.append("timeout")
-  return codes, [open(log, encoding="utf-8").read() for _, log in runs]
-
-
-def _wait_for_checkpoint(runs, workdir, step, timeout=100):
-  """Returns once the running processes have saved the checkpoint at `step`."""
-  deadline = time.time() + timeout
-  while not (workdir / "checkpoints" / str(step)).exists():
-    assert all(proc.poll() is None for proc, _ in runs) and time.time() < deadline
-    time.sleep(0.05)
-
-
-def _latest_step(workdir):
-  checkpointer = checkpoints.Checkpointer(str(workdir), 100)
-  try:
-    return checkpointer.latest_step()
-  finally:
-    checkpointer.close()
+def _start(workdir, *args, **kwargs):
+  return start_processes(COMMON, workdir, *args, **kwargs)
 
 
 def _state_at(workdir, step):
@@ -124,7 +74,7 @@ def reference(tmp_path_factory):
 def test_two_processes_train_as_one_process_with_two_devices(reference, tmp_path, parallel):
   ref_dir, ref_test_loss = reference
   workdir = tmp_path / "run"
-  codes, logs = _wait(_start(workdir, "--config.num_epochs=1", f"--config.parallel={parallel}"),
+  codes, logs = wait_all(_start(workdir, "--config.num_epochs=1", f"--config.parallel={parallel}"),
                       timeout=110)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   tolerance = {} if parallel == "jit" else {"rtol": RTOL, "atol": ATOL}
@@ -147,30 +97,30 @@ def test_a_preempted_then_killed_run_stops_together_and_resumes_as_a_straight_ru
   workdir = tmp_path / "run"
   # A preemption notice (SIGTERM) reaches one host: both save the same step and exit cleanly.
   runs = _start(workdir, "--config.num_epochs=1000")
-  _wait_for_checkpoint(runs, workdir, STEPS_PER_EPOCH)
+  wait_for_checkpoint(runs, workdir, STEPS_PER_EPOCH)
   runs[1][0].send_signal(signal.SIGTERM)
-  codes, logs = _wait(runs, timeout=BOUND_S)
+  codes, logs = wait_all(runs, timeout=BOUND_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-  saved = _latest_step(workdir)
+  saved = latest_step(workdir)
   for log in logs:
     assert f"SIGTERM: saved the checkpoint at step {saved}" in log, log[-3000:]
 
   # The rerun resumes there; then one process dies without notice: the other stops too.
   runs = _start(workdir, "--config.num_epochs=1000")
-  _wait_for_checkpoint(runs, workdir, (saved // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH)
+  wait_for_checkpoint(runs, workdir, (saved // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH)
   runs[1][0].send_signal(signal.SIGKILL)
   killed_at = time.time()
-  codes, logs = _wait(runs, timeout=BOUND_S)
+  codes, logs = wait_all(runs, timeout=BOUND_S)
   assert f"Resuming from the checkpoint at step {saved}" in logs[0], logs[0][-3000:]
   assert codes[0] not in (0, "timeout"), logs[0][-3000:]
   assert time.time() - killed_at < BOUND_S
   assert "Process 0 of 2 stopped" in logs[0] and "Rerun all processes" in logs[0], logs[0][-3000:]
 
   # Rerun once more to the end of the epoch after the last checkpoint: as if never stopped.
-  last = _latest_step(workdir)
+  last = latest_step(workdir)
   epochs = last // STEPS_PER_EPOCH + 1
   assert 2 <= epochs <= REFERENCE_EPOCHS, last
-  codes, logs = _wait(_start(workdir, f"--config.num_epochs={epochs}"), timeout=110)
+  codes, logs = wait_all(_start(workdir, f"--config.num_epochs={epochs}"), timeout=110)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert f"Resuming from the checkpoint at step {last}" in logs[0]
   _assert_states_equal(_state_at(workdir, epochs * STEPS_PER_EPOCH),
@@ -187,7 +137,7 @@ def test_processes_that_cannot_run_together_both_stop_with_the_reason(tmp_path, 
                                                                       message):
   workdir = tmp_path / "run"
   start = time.time()
-  codes, logs = _wait(_start(workdir, per_process=per_process), timeout=BOUND_S)
+  codes, logs = wait_all(_start(workdir, per_process=per_process), timeout=BOUND_S)
   assert time.time() - start < BOUND_S
   for code, log in zip(codes, logs):
     assert code not in (0, "timeout"), log[-3000:]
@@ -196,7 +146,7 @@ def test_processes_that_cannot_run_together_both_stop_with_the_reason(tmp_path, 
 
 def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
   start = time.time()
-  codes, logs = _wait(_start(tmp_path / "run", "--config.distributed_timeout_s=5",
+  codes, logs = wait_all(_start(tmp_path / "run", "--config.distributed_timeout_s=5",
                              process_ids=[1]), timeout=BOUND_S)
   assert codes[0] not in (0, "timeout") and time.time() - start < BOUND_S
   assert "did not answer within config.distributed_timeout_s=5" in logs[0], (

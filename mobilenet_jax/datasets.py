@@ -1,0 +1,70 @@
+"""Which data, and how it reaches the devices: `config.dataset` and `config.input`.
+
+A tfds name (`input_pipeline.py`) or `folder:PATH` (`folders.py`); then `device` holds the
+splits in device memory (every step gathers its batch there), `stream` reads each step's
+batch on the host (`streaming.py`), and `auto` picks `device` when the training split
+takes at most `config.input_device_share` of one device's memory, else `stream`.
+"""
+import os
+
+from absl import logging
+import jax
+
+from mobilenet_jax import folders, input_pipeline, streaming
+
+INPUT_MODES = ("device", "stream", "auto")
+
+
+def check_config(config) -> None:
+  if config.input not in INPUT_MODES:
+    raise ValueError(f"config.input={config.input!r}: expected one of {INPUT_MODES}.")
+  if not 0 < config.input_device_share <= 1:
+    raise ValueError(f"config.input_device_share={config.input_device_share}: expected a share "
+                     "of device memory in (0, 1], e.g. 0.5.")
+  if config.prefetch < 1 or (config.input_workers is not None and config.input_workers < 1):
+    raise ValueError(f"config.prefetch={config.prefetch}, config.input_workers="
+                     f"{config.input_workers}: both must be >= 1 (input_workers None: one "
+                     "thread per CPU core).")
+  if config.augment == "inception" and not folders.is_folder(config.dataset):
+    raise ValueError(f"config.augment='inception' crops image files on the host; "
+                     f"config.dataset={config.dataset!r} is stored at one size: use "
+                     "--config.augment=crop+flip, or a folder:PATH dataset.")
+  if config.augment == "inception" and config.input == "device":
+    raise ValueError("config.augment='inception' crops each image file anew every step, on "
+                     "the host: use --config.input=stream (or auto).")
+
+
+def device_memory_bytes() -> int:
+  """One local device's memory (host RAM for CPU devices, which report none)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return stats["bytes_limit"]
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def input_mode(config, train) -> str:
+  """config.input, with `auto` resolved (and logged) for the training split `train`."""
+  if config.input != "auto":
+    return config.input
+  size, limit = streaming.image_bytes(train, config), device_memory_bytes()
+  mode = ("stream" if config.augment == "inception" or size > config.input_device_share * limit
+          else "device")
+  logging.info("config.input='auto': the training split takes %.2f GB of the device's %.2f GB "
+               "(config.input_device_share=%s): %s input.", size / 1e9, limit / 1e9,
+               config.input_device_share, mode)
+  return mode
+
+
+def load(config):
+  """(an `input_pipeline.Dataset`, its input mode): with `device` its splits are in host
+  memory, ready to go on the devices; with `stream` they are sources the host reads from."""
+  if folders.is_folder(config.dataset):
+    train, test, names = folders.load(config)
+    mode = input_mode(config, train)
+    if mode == "device":
+      train, test = streaming.read_all(train, config), streaming.read_all(test, config)
+  else:
+    data = input_pipeline.load(config)
+    train, test, names = data.train, data.test, data.label_names
+    mode = input_mode(config, train)
+  return input_pipeline.Dataset(train, test, len(names), names), mode
