@@ -102,6 +102,11 @@ def _builder(config):
 
 def _unavailable(config, cause) -> DatasetUnavailableError:
   searched = _data_dir(config) or "tfds' default folder (~/tensorflow_datasets)"
+  if config.dataset.startswith("imagenet"):  # No download: its licence needs an account.
+    return DatasetUnavailableError(
+        f"Dataset {config.dataset!r} is not prepared in {searched} ({cause}), and ImageNet "
+        "must be downloaded by hand: follow the steps in configs/imagenet.py's docstring, then "
+        "pass --config.dataset=folder:/path/to/imagenet.")
   return DatasetUnavailableError(
       f"Dataset {config.dataset!r} is not prepared in {searched} ({cause}): point "
       "--config.data_dir (or $TFDS_DATA_DIR) at a folder that holds a prepared tfds "

@@ -86,7 +86,7 @@ def _folder_config(smoke_config, root, **fields):
 
 
 @pytest.mark.parametrize("setup, fields, message", [
-    (lambda root: None, {}, "is not a folder"),
+    (lambda root: None, {}, "is not a folder.*ImageNet's download .* in configs/imagenet.py"),
     (lambda root: root.mkdir(), {}, "0 class subfolder"),
     (lambda root: make_image_folder(root, num_classes=1), {}, "1 class subfolder.*at least 2"),
     (lambda root: [(root / n).mkdir(parents=True) for n in ("a", "b")], {}, "no training images"),
@@ -126,6 +126,15 @@ def test_bad_input_settings_are_rejected_before_training(smoke_config, tmp_path,
   smoke_config.update(fields)
   with pytest.raises(ValueError, match=message):
     train.check_config(smoke_config, str(tmp_path))
+
+
+def test_imagenet_from_tfds_unprepared_points_at_the_manual_download_steps(tmp_path):
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config("keras")
+  config.update(data_dir=str(tmp_path), download=False)
+  with pytest.raises(streaming.input_pipeline.DatasetUnavailableError,
+                     match="downloaded by hand: follow the steps in configs/imagenet.py"):
+    datasets.load(config)
 
 
 def test_streaming_runs_under_jit_only(mock_tfds, smoke_config, tmp_path):
