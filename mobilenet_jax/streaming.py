@@ -65,6 +65,13 @@ def inception_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
+def _decode_pool(config):
+  """config.input_workers threads (None: one per CPU core, at most 32): PIL decodes and
+  resizes without holding the GIL."""
+  return concurrent.futures.ThreadPoolExecutor(config.input_workers or
+                                               min(32, os.cpu_count() or 1))
+
+
 def process_rows(sharding, batch_size: int) -> slice:
   """The rows of a (batch_size, ...) array under `sharding` that this process's devices hold."""
   spans = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
@@ -120,8 +127,7 @@ class StreamFeed:
   def __init__(self, config, runner, train, test):
     self.config, self.runner, self.train_source, self.test_source = config, runner, train, test
     self.rows = process_rows(runner.batch_sharding, config.batch_size)
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        config.input_workers or min(32, os.cpu_count() or 1))
+    self._pool = _decode_pool(config)
     self._permutation = (None, None)  # (epoch, its permutation), computed once per epoch.
 
   def close(self):
@@ -203,7 +209,6 @@ def image_bytes(source, config) -> int:
 
 def read_all(source, config) -> input_pipeline.Split:
   """A split of files read whole into host memory, fitted to image_size (for `device`)."""
-  with concurrent.futures.ThreadPoolExecutor(
-      config.input_workers or min(32, os.cpu_count() or 1)) as pool:
+  with _decode_pool(config) as pool:
     images = list(pool.map(lambda i: fit(source.read(i), config), range(len(source))))
   return input_pipeline.Split(np.stack(images), source.labels)
