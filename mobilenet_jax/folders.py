@@ -1,8 +1,8 @@
 """Image folders as datasets (`config.dataset = "folder:PATH"`): one subfolder per class.
 
-PATH holds either class subfolders directly (a held-out share of each class,
-`config.folder_holdout`, becomes the test split) or `train/` beside one of `test/`, `val/`
-or `validation/`, each with the same class subfolders (ImageNet's layout). Class names are
+PATH holds either class subfolders directly or `train/` beside one of `test/`, `val/` or
+`validation/`, each with the same class subfolders (ImageNet's layout); without an
+evaluation folder a share of each class (`config.folder_holdout`) becomes the test split. Class names are
 the subfolder names, sorted. Images are read lazily, one file per example, so a folder
 larger than memory streams (`streaming.py`); the device pipeline reads it all once.
 """
@@ -92,17 +92,18 @@ def load(config):
     raise FolderError(f"config.dataset={config.dataset!r}: {root} is not a folder: {hint}.")
   evals = [d for d in EVAL_FOLDERS if os.path.isdir(os.path.join(root, d))]
   train_dir = os.path.join(root, "train")
-  if os.path.isdir(train_dir) and evals:
-    classes = _classes(train_dir)
+  if not os.path.isdir(train_dir):
+    train_dir = root
+  classes = _classes(train_dir)
+  if evals and train_dir != root:
     train = _listing(train_dir, classes)
     test = _listing(os.path.join(root, evals[0]), classes)
   else:
-    classes = _classes(root)
     if not 0 < config.folder_holdout < 1:
       raise FolderError(f"config.folder_holdout={config.folder_holdout}: {root} has no "
                         f"{'/'.join(EVAL_FOLDERS)} folder, so a share in (0, 1) of each class "
                         "is held out for evaluation (e.g. 0.1).")
-    train, test = _holdout(_listing(root, classes), config.folder_holdout)
+    train, test = _holdout(_listing(train_dir, classes), config.folder_holdout)
   if len(classes) < 2:
     raise FolderError(f"config.dataset={config.dataset!r}: {len(classes)} class subfolder(s) in "
                       f"{root} ({', '.join(classes) or 'none'}); a classifier needs at least 2: "

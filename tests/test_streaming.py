@@ -54,8 +54,11 @@ def test_a_folder_trains_the_same_streamed_or_on_device_and_predict_names_its_cl
   assert sorted(name for name, _ in top) == ["class_0", "class_1", "class_2"]
 
 
-def test_the_holdout_is_a_share_of_each_class_the_same_every_time(smoke_config, tmp_path):
-  root = make_image_folder(tmp_path, num_classes=2, per_class=30)
+@pytest.mark.parametrize("layout", ["", "train"])  # Class folders in PATH, or in PATH/train.
+def test_the_holdout_is_a_share_of_each_class_the_same_every_time(smoke_config, tmp_path,
+                                                                  layout):
+  root = tmp_path
+  make_image_folder(root / layout, num_classes=2, per_class=30)
   smoke_config.update(dataset=f"folder:{root}", folder_holdout=0.2)
   train_a, test_a, names = folders.load(smoke_config)
   train_b, test_b, _ = folders.load(smoke_config)
