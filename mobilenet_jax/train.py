@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable at any step.
 
 Everything a step needs is derived from `state.step` on device by the sampler
-(the epoch's permutation, the batch offset, the augmentation draws), so a run
-that resumes from a checkpoint continues exactly as if it had never stopped.
+(the epoch's permutation, the batch offset, the augmentation draws), or for
+streamed input on the host from the same step (`streaming.py`), so a run that
+resumes from a checkpoint continues exactly as if it had never stopped.
 """
 import contextlib
 import dataclasses
