@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, fresh_state, restore_latest, run_mocked, smoke_args
+from conftest import (fresh_state, latest_step, restore_latest, run_mocked, smoke_args,
+                      start_mocked)
 from mobilenet_jax import checkpoints, metric_logging, steps, train
 
 
@@ -168,23 +169,20 @@ def test_steady_state_loop_makes_no_host_to_device_transfer(mock_tfds, smoke_con
       runner.train(state, train_data, np.asarray(perm))  # The guard does catch a host input.
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("input_mode", ["device", "stream"])  # Streamed: the prefetcher stops.
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, input_mode):
   import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  proc = subprocess.Popen(
-      [sys.executable, str(ROOT / "tests" / "mock_run.py"),
-       *smoke_args(tmp_path, "--config.num_epochs=100000")],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  workdir, log = tmp_path / "run", tmp_path / "log"
+  proc = start_mocked(*smoke_args(workdir, "--config.num_epochs=100000",
+                                  f"--config.input={input_mode}"), log=log)
   deadline = time.time() + 300
-  while not (tmp_path / "checkpoints" / "4").exists() and time.time() < deadline:
+  while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline:
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr[-3000:]
-  saved = checkpoints.Checkpointer(str(tmp_path), 3).latest_step()
-  assert saved > 4 and f"SIGTERM: saved the checkpoint at step {saved}" in stderr
+  assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+  saved = latest_step(workdir)
+  assert saved > 4 and f"SIGTERM: saved the checkpoint at step {saved}" in log.read_text()
 
 
 def test_resuming_with_an_incompatible_config_says_so(mock_tfds, smoke_config, tmp_path):
