@@ -13,6 +13,7 @@ r"""Streamed input against the device pipeline, side by side, and the host's JPE
 Figures are medians over `--repeats` rounds, the ratio the median of each round's ratio.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
+from PIL import Image
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import datasets, folders, models, parallel, steps, streaming
@@ -57,22 +59,17 @@ def _feed_timer(config, data, mode, num_steps):
 
 def _decode_rate(workers: int, num_images: int = 64) -> float:
   """224-pixel random-resized crops per second from 500x375 JPEGs, on `workers` threads."""
-  config = cifar.get_config()
-  config.update(image_size=224, augment="inception", input_workers=workers, batch_size=num_images)
+  rng = np.random.default_rng(0)
+  y, x = np.mgrid[:375, :500]
   with tempfile.TemporaryDirectory() as root:
-    rng = np.random.default_rng(0)
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    paths = []
-    for i in range(num_images):
+    paths = [os.path.join(root, f"{i}.jpg") for i in range(num_images)]
+    for i, path in enumerate(paths):
       # Smooth content (noise compresses badly and decodes slowly): a gradient with a texture.
-      y, x = np.mgrid[:375, :500]
       image = np.stack([x % 256, y % 256, (x * y + i * 997) % 256], -1) * 0.8 + rng.integers(
           0, 50, (375, 500, 3))
-      paths.append(os.path.join(root, f"{i}.jpg"))
-      Image.fromarray(image.astype(np.uint8)).save(paths[-1], quality=90)
+      Image.fromarray(image.astype(np.uint8)).save(path, quality=90)
     source = folders.FileSource(tuple(paths), np.zeros(num_images, np.int32))
     crop = lambda j: streaming.inception_crop(source.read(j), np.random.default_rng(j), 224)
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       list(pool.map(crop, range(8)))  # Warm-up.
       start = time.perf_counter()

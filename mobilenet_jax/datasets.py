@@ -60,11 +60,10 @@ def load(config):
   memory, ready to go on the devices; with `stream` they are sources the host reads from."""
   if folders.is_folder(config.dataset):
     train, test, names = folders.load(config)
-    mode = input_mode(config, train)
-    if mode == "device":
-      train, test = streaming.read_all(train, config), streaming.read_all(test, config)
   else:
     data = input_pipeline.load(config)
     train, test, names = data.train, data.test, data.label_names
-    mode = input_mode(config, train)
+  mode = input_mode(config, train)
+  if mode == "device" and not train.fixed_size:  # Files: decoded once, all of them.
+    train, test = streaming.read_all(train, config), streaming.read_all(test, config)
   return input_pipeline.Dataset(train, test, len(names), names), mode

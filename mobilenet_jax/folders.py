@@ -2,9 +2,9 @@
 
 PATH holds either class subfolders directly or `train/` beside one of `test/`, `val/` or
 `validation/`, each with the same class subfolders (ImageNet's layout); without an
-evaluation folder a share of each class (`config.folder_holdout`) becomes the test split. Class names are
-the subfolder names, sorted. Images are read lazily, one file per example, so a folder
-larger than memory streams (`streaming.py`); the device pipeline reads it all once.
+evaluation folder a share of each class (`config.folder_holdout`) becomes the test split.
+Class names are the subfolder names, sorted. Images are read lazily, one file per example,
+so a folder larger than memory streams (`streaming.py`); the device pipeline reads it all once.
 """
 import dataclasses
 import os
@@ -61,7 +61,8 @@ def _listing(folder: str, classes: list[str]) -> FileSource:
   """The images of `folder`'s class subfolders (a class missing there has none)."""
   paths, labels = [], []
   for label, name in enumerate(classes):
-    files = _images(os.path.join(folder, name)) if os.path.isdir(os.path.join(folder, name)) else []
+    subfolder = os.path.join(folder, name)
+    files = _images(subfolder) if os.path.isdir(subfolder) else []
     paths += files
     labels += [label] * len(files)
   return FileSource(tuple(paths), np.asarray(labels, np.int32))
@@ -113,4 +114,3 @@ def load(config):
       raise FolderError(f"config.dataset={config.dataset!r}: no {name} images "
                         f"({', '.join(EXTENSIONS)}) in the class subfolders of {root}: {hint}.")
   return train, test, tuple(classes)
-

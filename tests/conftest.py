@@ -64,6 +64,16 @@ def random_batch(config, n=16, size=32, seed=0):
                                        config.cutout)}
 
 
+def assert_same_state(a, b):
+  """Two TrainStates equal bit for bit: step, params, BatchNorm statistics and optimizer state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert int(a.step) == int(b.step)
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+    np.testing.assert_array_equal(x, y)
+
+
 def restore_latest(workdir, config):
   """The latest checkpoint's TrainState in `workdir` (trained with `config`)."""
   from mobilenet_jax import checkpoints  # pylint: disable=g-import-not-at-top

@@ -5,19 +5,12 @@ import json
 import re
 import signal
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import (make_image_folder, restore_latest, run_mocked, start_processes,
-                      wait_all, wait_for_checkpoint)
+from conftest import (assert_same_state, make_image_folder, restore_latest, run_mocked,
+                      start_processes, wait_all, wait_for_checkpoint)
 from mobilenet_jax import datasets, folders, predict, streaming, train
-
-
-def _assert_same_params(a, b):
-  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)),
-                  jax.tree.leaves((b.params, b.batch_stats))):
-    np.testing.assert_array_equal(x, y)
 
 
 def _train_both_ways(config, tmp_path):
@@ -35,7 +28,7 @@ def test_streamed_cifar_trains_exactly_as_on_device(mock_tfds, smoke_config, tmp
   # Every on-device draw: translation, flip (alternating: it reads the example indices), cutout.
   smoke_config.update(alternate_flips=True, cutout=4, num_epochs=1)
   (device, device_results), (stream, stream_results) = _train_both_ways(smoke_config, tmp_path)
-  _assert_same_params(device, stream)
+  assert_same_state(device, stream)
   # The device pipeline adds up the eval batches in float32, the stream in float64.
   assert stream_results["test_loss"] == pytest.approx(device_results["test_loss"], rel=1e-6)
   assert stream_results["test_accuracy"] == device_results["test_accuracy"]
@@ -48,7 +41,7 @@ def test_a_folder_trains_the_same_streamed_or_on_device_and_predict_names_its_cl
   smoke_config.update(dataset=f"folder:{root}", num_epochs=1, image_size=24)
   smoke_config.model.num_classes = 3
   (device, device_results), (stream, _) = _train_both_ways(smoke_config, tmp_path)
-  _assert_same_params(device, stream)
+  assert_same_state(device, stream)
   assert device_results["test_examples"] == 6  # 10% of each class's 20 held out.
   [top] = predict.predict(str(tmp_path / "stream"), [str(root / "class_1" / "0000.jpg")], top=3)
   assert sorted(name for name, _ in top) == ["class_0", "class_1", "class_2"]
@@ -205,7 +198,7 @@ def test_imagenet_recipe_on_two_processes_resumes_after_a_kill_as_a_straight_run
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert "Resuming from the checkpoint at step" in logs[0]
   config = _imagenet_config(imagenet_folder)
-  _assert_same_params(restore_latest(workdir, config), restore_latest(reference, config))
+  assert_same_state(restore_latest(workdir, config), restore_latest(reference, config))
   results = json.loads((workdir / "results.json").read_text())
   expected = json.loads((reference / "results.json").read_text())
   assert results["test_examples"] == 20  # Each validation image once; the padding masked.

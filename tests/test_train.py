@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (fresh_state, latest_step, restore_latest, run_mocked, smoke_args,
-                      start_mocked)
+from conftest import (assert_same_state, fresh_state, latest_step, restore_latest, run_mocked,
+                      smoke_args, start_mocked)
 from mobilenet_jax import checkpoints, metric_logging, steps, train
 
 
@@ -60,13 +60,6 @@ def test_workdir_that_is_a_file_is_rejected(smoke_config, tmp_path):
     train.check_config(smoke_config, str(tmp_path / "file"))
 
 
-def _assert_same_state(a, b):
-  assert int(a.step) == int(b.step)
-  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
-                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
-    np.testing.assert_array_equal(x, y)
-
-
 def test_the_same_seed_gives_the_same_run_and_another_seed_another(
     mock_tfds, smoke_config, tmp_path, monkeypatch):
   del mock_tfds
@@ -83,7 +76,7 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(
     # The seed initializes the weights (and, tests/test_sampler.py, orders and augments).
     np.testing.assert_array_equal(init_keys[-1], jax.random.key_data(jax.random.key(seed)))
     runs[name] = (results, restore_latest(tmp_path / name, smoke_config))
-  _assert_same_state(runs["a"][1], runs["b"][1])
+  assert_same_state(runs["a"][1], runs["b"][1])
   assert int(runs["a"][1].step) == 4 and runs["a"][0]["test_loss"] == runs["b"][0]["test_loss"]
   # Another seed: another initialization, order and augmentation, so other weights throughout.
   for x, y in zip(jax.tree.leaves(runs["a"][1].params), jax.tree.leaves(runs["reseeded"][1].params)):
@@ -113,7 +106,7 @@ def test_resumes_at_every_cadence_equal_a_straight_run_and_prune_old_checkpoints
   for epochs in (1, 3, 4, 4):  # Each stop saves its last step; the last run finds it finished.
     smoke_config.num_epochs = epochs
     results = train.train_and_evaluate(smoke_config, str(resumed))
-  _assert_same_state(restore_latest(straight, smoke_config), restore_latest(resumed, smoke_config))
+  assert_same_state(restore_latest(straight, smoke_config), restore_latest(resumed, smoke_config))
   for key in ("test_accuracy", "test_loss", "test_examples"):
     assert results[key] == expected[key], key
   assert os.listdir(straight / "checkpoints") == os.listdir(resumed / "checkpoints") == ["16"]
