@@ -1,5 +1,7 @@
 """The pure steps against expectations computed another way: the update SGD-Nesterov makes with
 weight decay and label smoothing, BatchNorm's running averages, and metrics over padding."""
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -10,14 +12,45 @@ from conftest import fresh_state as _state, random_batch as _batch
 from mobilenet_jax import inference, input_pipeline, parallel, steps
 
 
-def _one_step(config, **overrides):
-  """(state before, state after one step, metrics) with `overrides` of the config's fields."""
+class _Traced:
+  """`config` with some fields replaced by traced values: one compile serves every value."""
+
+  def __init__(self, config, **values):
+    self._config, self._values = config, values
+
+  def __getattr__(self, name):
+    return self._values[name] if name in self._values else getattr(self._config, name)
+
+
+# Plain SGD steps: no augmentation, a rate that moves the weights; most step tests share them.
+_PLAIN = {"augment": "none", "learning_rate": 0.1, "momentum": 0.9}
+
+
+def _configured(config, **overrides):
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _stepper(config):
+  """`config`'s jitted train step, (state, batch) -> (state, metrics). Weight decay and label
+  smoothing are traced, so that a test's variants share one program (and, through XLA's
+  cache, one compile)."""
+  step = jax.jit(lambda s, b, decay, smoothing: steps.train_step(
+      s, b, jax.random.key(0), _Traced(config, weight_decay=decay, label_smoothing=smoothing)))
+  return lambda state, batch: step(state, batch, config.weight_decay, config.label_smoothing)
+
+
+def _one_step(config, **overrides):
+  """(state before, state after one step, metrics) with `overrides` of the config's fields."""
+  config = _configured(config, **overrides)
   state = _state(config)
-  new, metrics = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), config))(
-      state, _batch(config))
-  return state, new, metrics
+  return (state, *_stepper(config)(state, _batch(config)))
+
+
+def _eval_sums(state, images, labels, mask, config):
+  return jax.jit(lambda s, i, l, m: steps.eval_step(s, i, l, m, config, inference.Views()))(
+      state, images, labels, mask)
 
 
 def _flat(tree):
@@ -28,10 +61,9 @@ def test_the_first_update_is_nesterov_momentum_over_the_decayed_gradient(smoke_c
   # The data gradient is the same with and without decay, so the updates differ by exactly
   # lr * (1 + momentum) * weight_decay * w on decayed kernels (Nesterov's first step is
   # (1 + m) g; heavy-ball momentum's would be g), and by nothing elsewhere.
-  lr, momentum, decay = 0.1, 0.9, 0.5
-  common = {"augment": "none", "learning_rate": lr, "momentum": momentum}
-  before, plain, _ = _one_step(smoke_config, weight_decay=0.0, **common)
-  _, decayed, _ = _one_step(smoke_config, weight_decay=decay, **common)
+  lr, momentum, decay = _PLAIN["learning_rate"], _PLAIN["momentum"], 0.5
+  before, plain, _ = _one_step(smoke_config, weight_decay=0.0, **_PLAIN)
+  _, decayed, _ = _one_step(smoke_config, weight_decay=decay, **_PLAIN)
   w, p, d = _flat(before.params), _flat(plain.params), _flat(decayed.params)
   decayed_paths = [k for k in w if k[-1] == "kernel" and "depthwise" not in k]
   assert len(decayed_paths) == 15  # Stem, 13 pointwise convolutions, head.
@@ -44,8 +76,8 @@ def test_the_first_update_is_nesterov_momentum_over_the_decayed_gradient(smoke_c
 def test_label_smoothing_moves_the_head_bias_by_its_share_of_the_uniform(smoke_config):
   # The head bias's gradient is mean(softmax - target); smoothing by s changes the targets by
   # s * (1/K - onehot), so the biases after one step differ by lr (1 + m) s (mean onehot - 1/K).
-  lr, momentum, smoothing = 0.1, 0.9, 0.2
-  common = {"augment": "none", "learning_rate": lr, "momentum": momentum, "weight_decay": 0.0}
+  lr, momentum, smoothing = _PLAIN["learning_rate"], _PLAIN["momentum"], 0.2
+  common = {**_PLAIN, "weight_decay": 0.0}
   _, plain, plain_metrics = _one_step(smoke_config, label_smoothing=0.0, **common)
   _, smoothed, smoothed_metrics = _one_step(smoke_config, label_smoothing=smoothing, **common)
   onehot = np.eye(10)[np.asarray(_batch(smoke_config)["label"])]
@@ -78,16 +110,16 @@ def _numpy_metrics(logits, labels):
 
 
 def _plain_logits(state, images, config):
-  x = input_pipeline.preprocess(images, config)
-  return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
-                        train=False)
+  """The model's logits on `images`, the model called directly (no views, no chunks)."""
+  return jax.jit(lambda s, i: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats},
+                                         input_pipeline.preprocess(i, config), train=False))(
+                                             state, images)
 
 
 def test_eval_step_counts_only_the_unmasked_examples(smoke_config):
   state, batch = _state(smoke_config), _batch(smoke_config)
   mask = jnp.asarray([1.0] * 10 + [0.0] * 6)
-  sums = steps.eval_step(state, batch["image"], batch["label"], mask, smoke_config,
-                         inference.Views())
+  sums = _eval_sums(state, batch["image"], batch["label"], mask, smoke_config)
   expected = _numpy_metrics(_plain_logits(state, batch["image"][:10], smoke_config),
                             np.asarray(batch["label"][:10]))
   for k, v in expected.items():
@@ -110,19 +142,16 @@ def test_evaluation_over_a_split_counts_every_example_once(smoke_config):
 
 
 def test_the_training_loss_on_a_fixed_batch_falls(smoke_config):
-  smoke_config.augment = "none"
-  smoke_config.learning_rate = 0.05
-  state, batch = _state(smoke_config), _batch(smoke_config)
-  step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), smoke_config))
+  config = _configured(smoke_config, **_PLAIN)
+  state, batch, step = _state(config), _batch(config), _stepper(config)
   losses = []
   for _ in range(15):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]) / float(metrics["count"]))
   assert losses[-1] < 0.5 * losses[0], losses
   assert int(state.step) == 15
-  sums = steps.eval_step(state, batch["image"], batch["label"], jnp.ones(16), smoke_config,
-                         inference.Views())
-  expected = _numpy_metrics(_plain_logits(state, batch["image"], smoke_config),
+  sums = _eval_sums(state, batch["image"], batch["label"], jnp.ones(16), config)
+  expected = _numpy_metrics(_plain_logits(state, batch["image"], config),
                             np.asarray(batch["label"]))
   assert float(sums["correct"]) == expected["correct"]
 
@@ -130,7 +159,7 @@ def test_the_training_loss_on_a_fixed_batch_falls(smoke_config):
 def test_the_step_applies_the_flip_decisions_of_the_batch(smoke_config):
   smoke_config.augment = "flip"
   state, batch = _state(smoke_config), _batch(smoke_config)
-  step = jax.jit(lambda b: steps.train_step(state, b, jax.random.key(0), smoke_config))
+  step = functools.partial(_stepper(smoke_config), state)
   flipped = step({**batch, "flip": jnp.ones(16, bool)})
   mirrored = step({**batch, "image": batch["image"][:, :, ::-1], "flip": jnp.zeros(16, bool)})
   drawn = step(batch)
@@ -146,8 +175,7 @@ def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config)
   state, batch = _state(smoke_config), _batch(with_cutout)
   erased = (input_pipeline.preprocess(batch["image"], with_cutout, batch) == 0).all(-1).sum((1, 2))
   assert 9 <= int(erased.min()) and int(erased.max()) == 36
-  loss = lambda c: jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), c))(
-      state, batch)[1]["loss"]
+  loss = lambda c: _stepper(c)(state, batch)[1]["loss"]
   assert not np.allclose(loss(with_cutout), loss(smoke_config), rtol=1e-6)
 
 
