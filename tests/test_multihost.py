@@ -70,37 +70,48 @@ def reference(tmp_path_factory):
   return workdir, test_loss
 
 
-@pytest.mark.parametrize("parallel", ["jit", "pmap"])
-def test_two_processes_train_as_one_process_with_two_devices(reference, tmp_path, parallel):
+def _assert_one_epoch_as_the_reference(workdir, reference, parallel):
+  """A finished 1-epoch run of two processes: the reference's state and test loss (exactly
+  under jit; pmap reduces in another order), the shared files written once, by process 0."""
   ref_dir, ref_test_loss = reference
-  workdir = tmp_path / "run"
-  codes, logs = wait_all(_start(workdir, "--config.num_epochs=1", f"--config.parallel={parallel}"),
-                      timeout=110)
-  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   tolerance = {} if parallel == "jit" else {"rtol": RTOL, "atol": ATOL}
-  _assert_states_equal(_state_at(workdir, 4), _state_at(ref_dir, 4), **tolerance)
+  _assert_states_equal(_state_at(workdir, STEPS_PER_EPOCH), _state_at(ref_dir, STEPS_PER_EPOCH),
+                       **tolerance)
   results = json.loads((workdir / "results.json").read_text())
   assert results["test_examples"] == 40
   np.testing.assert_allclose(results["test_loss"], ref_test_loss[1], rtol=RTOL if tolerance else 0)
-  # Process 0 alone wrote the shared files, each once and whole.
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
   assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 1
   assert json.loads((workdir / "config.json").read_text())["parallel"] == parallel
   assert len(json.loads((workdir / "label_names.json").read_text())) == 10
   assert not [f for f in os.listdir(workdir) if f.startswith(".write_test")]
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(STEPS_PER_EPOCH)]
 
 
-def test_a_preempted_then_killed_run_stops_together_and_resumes_as_a_straight_run(reference,
-                                                                                tmp_path):
+def test_two_processes_under_pmap_train_as_one_process_with_two_devices(reference, tmp_path):
+  workdir = tmp_path / "run"
+  codes, logs = wait_all(_start(workdir, "--config.num_epochs=1", "--config.parallel=pmap"),
+                         timeout=110)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  _assert_one_epoch_as_the_reference(workdir, reference, "pmap")
+
+
+def test_two_processes_train_as_one_then_a_preempted_and_killed_rerun_resumes_as_a_straight_run(
+    reference, tmp_path):
   ref_dir, _ = reference
   workdir = tmp_path / "run"
-  # A preemption notice (SIGTERM) reaches one host: both save the same step and exit cleanly.
+  codes, logs = wait_all(_start(workdir, "--config.num_epochs=1"), timeout=110)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  _assert_one_epoch_as_the_reference(workdir, reference, "jit")
+
+  # A longer rerun; a preemption notice (SIGTERM) reaches one host: both save the same step
+  # and exit cleanly.
   runs = _start(workdir, "--config.num_epochs=1000")
-  wait_for_checkpoint(runs, workdir, STEPS_PER_EPOCH)
+  wait_for_checkpoint(runs, workdir, 2 * STEPS_PER_EPOCH)
   runs[1][0].send_signal(signal.SIGTERM)
   codes, logs = wait_all(runs, timeout=BOUND_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  assert f"Resuming from the checkpoint at step {STEPS_PER_EPOCH}" in logs[0], logs[0][-3000:]
   saved = latest_step(workdir)
   for log in logs:
     assert f"SIGTERM: saved the checkpoint at step {saved}" in log, log[-3000:]
