@@ -13,6 +13,8 @@ from PIL import Image
 from conftest import ROOT, SHARED_TFDS, run_mocked, smoke_args
 from mobilenet_jax import export, input_pipeline, models, workdirs
 
+# The int8 test's training images: 10,000 gave 97.8% top-1 agreement on 500 test images, 5,000
+# only 93.2% (too little trained, margins too thin for int8), against the 95% it asks.
 TRAIN_IMAGES = 10_000
 MEAN, STD = (125.307, 122.95, 113.865), (62.9932, 62.0887, 66.7048)
 

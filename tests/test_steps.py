@@ -170,8 +170,7 @@ def test_the_step_applies_the_flip_decisions_of_the_batch(smoke_config):
 
 def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config):
   smoke_config.update(augment="none", image_size=32)
-  with_cutout = smoke_config.copy_and_resolve_references()
-  with_cutout.cutout = 6
+  with_cutout = _configured(smoke_config, cutout=6)
   state, batch = _state(smoke_config), _batch(with_cutout)
   erased = (input_pipeline.preprocess(batch["image"], with_cutout, batch) == 0).all(-1).sum((1, 2))
   assert 9 <= int(erased.min()) and int(erased.max()) == 36
