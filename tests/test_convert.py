@@ -24,12 +24,15 @@ def _jax_model(preset, **overrides):
   config = cifar.get_config(preset)
   config.model.update(overrides)
   model = models.create_model(config.model)
-  template = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+  template = jax.jit(model.init, static_argnames="train")(jax.random.key(1),
+                                                          jnp.zeros((1, 32, 32, 3)), train=False)
   return model, jax.tree.map(np.asarray, template)
 
 
 def _logits(model, variables, images):
-  return np.asarray(model.apply(variables, jnp.asarray(images), train=False))
+  """Inference logits, compiled whole (op by op, a full-size network takes tens of seconds)."""
+  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(
+      variables, jnp.asarray(images)))
 
 
 def _assert_close(actual, expected):
