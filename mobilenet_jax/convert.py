@@ -363,11 +363,8 @@ def template_variables(config) -> dict:
   """Host arrays {'params', 'batch_stats'} of the configured model, for the from_* functions."""
   import jax  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model)
-  shape = (1, config.image_size, config.image_size, 3)
-  # Compiled whole: op by op, the initializers of a full-size network take ~14 s on a CPU.
-  init = jax.jit(model.init, static_argnames="train")
-  return jax.tree.map(np.asarray, init(jax.random.key(config.seed), np.zeros(shape, np.float32),
-                                       train=False))
+  return jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(config.seed),
+                                                        config.image_size))
 
 
 def write_workdir(config, variables, workdir: str, label_names) -> None:

@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mobilenet_jax import convolutions
@@ -184,3 +185,10 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
                      padding=model_config.padding, activation=model_config.activation,
                      bn_momentum=model_config.bn_momentum, bn_epsilon=model_config.bn_epsilon,
                      dropout=model_config.dropout)
+
+
+def init_variables(model, rng, image_size: int) -> dict:
+  """{'params', 'batch_stats'} of `model` for square images of `image_size`, initialized in one
+  compiled program: op by op, a full-size network's initializers take ~14 s on a CPU."""
+  return jax.jit(model.init, static_argnames="train")(
+      rng, jnp.zeros((1, image_size, image_size, 3)), train=False)

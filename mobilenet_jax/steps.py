@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mobilenet_jax import inference, input_pipeline
+from mobilenet_jax import inference, input_pipeline, models
 
 
 class TrainState(train_state.TrainState):
@@ -40,8 +40,7 @@ def create_optimizer(config, steps_per_epoch: int):
 
 
 def create_train_state(model, tx, rng, image_size: int) -> TrainState:
-  variables = jax.jit(model.init, static_argnames="train")(
-      rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+  variables = models.init_variables(model, rng, image_size)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
 

@@ -24,9 +24,7 @@ def _jax_model(preset, **overrides):
   config = cifar.get_config(preset)
   config.model.update(overrides)
   model = models.create_model(config.model)
-  template = jax.jit(model.init, static_argnames="train")(jax.random.key(1),
-                                                          jnp.zeros((1, 32, 32, 3)), train=False)
-  return model, jax.tree.map(np.asarray, template)
+  return model, jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(1), 32))
 
 
 def _logits(model, variables, images):
