@@ -187,8 +187,16 @@ def create_model(model_config, axis_name: str | None = None) -> MobileNetV1:
                      dropout=model_config.dropout)
 
 
+# The initializers are threefry key derivations and random draws, one unrolled program per
+# parameter: LLVM's default -O2 spends half its time on them vectorizing and unrolling, which gives
+# the same numbers (tests/test_models.py checks each bit) at twice the compile time.
+_CPU_INIT_COMPILE = {"xla_backend_optimization_level": 1}
+
+
 def init_variables(model, rng, image_size: int) -> dict:
   """{'params', 'batch_stats'} of `model` for square images of `image_size`, initialized in one
-  compiled program: op by op, a full-size network's initializers take ~14 s on a CPU."""
-  return jax.jit(model.init, static_argnames="train")(
+  compiled program (op by op, a full-size network's initializers take ~14 s on a CPU; compiled
+  at -O1 there, ~2 s)."""
+  options = _CPU_INIT_COMPILE if jax.default_backend() == "cpu" else None
+  return jax.jit(model.init, static_argnames="train", compiler_options=options)(
       rng, jnp.zeros((1, image_size, image_size, 3)), train=False)

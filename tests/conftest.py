@@ -1,4 +1,5 @@
 """Shared fixtures: tfds mock data (random CIFAR-shaped images) and the smoke config."""
+import fcntl
 import os
 import pathlib
 import socket
@@ -184,9 +185,17 @@ def make_image_folder(root, num_classes=3, per_class=20, seed=0):
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory):
-  """One smoke training (2 epochs, 8 steps) by run.py, for the tests that only read it."""
-  workdir = tmp_path_factory.mktemp("smoke")
-  result = run_mocked(*smoke_args(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
+def trained_workdir(tmp_path_factory, worker_id):
+  """One smoke training (2 epochs, 8 steps) by run.py for the whole session, every xdist worker
+  included, for the tests that only read it; its stdout is in `trained.stdout` beside it."""
+  # Under xdist each worker has its own basetemp in the session's folder: they meet in that one.
+  root = tmp_path_factory.getbasetemp()
+  root = root if worker_id == "master" else root.parent
+  workdir = root / "trained"
+  with open(root / "trained.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # The first worker trains; the other waits, then reads.
+    if not (workdir / "results.json").exists():
+      result = run_mocked(*smoke_args(workdir))
+      assert result.returncode == 0, result.stderr[-3000:]
+      (root / "trained.stdout").write_text(result.stdout)
   return workdir

@@ -1,9 +1,9 @@
 """run.py's bad settings: one line naming the flag and the fix, no traceback, within seconds."""
+import json
 import os
 import subprocess
 import sys
 import time
-
 
 from conftest import ROOT, run_mocked
 
@@ -65,7 +65,8 @@ def test_eval_reads_the_workdirs_config_and_a_bad_override_is_one_line(trained_w
   result = run_mocked("--config=configs/cifar.py:torch", "--config.mode=eval",
                       f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "step 8: test accuracy" in result.stdout
+  accuracy = json.loads((trained_workdir / "results.json").read_text())["test_accuracy"]
+  assert f"step 8: test accuracy {accuracy:.4f} on 40 examples" in result.stdout  # As trained.
   result = run_mocked("--config=configs/cifar.py", "--config.mode=eval",
                       "--config.model.alpha=0.5", f"--workdir={workdir}")
   _one_error_line(result, "does not fit the configured model")

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (assert_same_state, fresh_state, latest_step, restore_latest, run_mocked,
+from conftest import (assert_same_state, fresh_state, latest_step, restore_latest,
                       smoke_args, start_mocked)
 from mobilenet_jax import checkpoints, metric_logging, steps, train
 
@@ -118,19 +118,18 @@ def test_resumes_at_every_cadence_equal_a_straight_run_and_prune_old_checkpoints
     assert last[key] == rows[-1][key], key
 
 
-def test_run_py_end_to_end_writes_results_logs_and_checkpoints(tmp_path):
-  result = run_mocked(*smoke_args(tmp_path))
-  assert result.returncode == 0, result.stderr[-3000:]
-  results = json.loads((tmp_path / "results.json").read_text())
+def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
+  stdout = (trained_workdir.parent / "trained.stdout").read_text()
+  results = json.loads((trained_workdir / "results.json").read_text())
   assert {"test_accuracy", "test_loss", "test_examples", "epochs", "params", "macs",
           "train_images_per_s", "wall_s"} <= set(results)
   assert results["test_examples"] == 40 and results["epochs"] == 2
-  assert f"test accuracy {results['test_accuracy']:.4f} on 40 examples" in result.stdout
-  assert "total" in result.stdout and "block13/pointwise/conv" in result.stdout  # The summary.
-  records = metric_logging.read_metrics(str(tmp_path))
+  assert f"test accuracy {results['test_accuracy']:.4f} on 40 examples" in stdout
+  assert "total" in stdout and "block13/pointwise/conv" in stdout  # The summary.
+  records = metric_logging.read_metrics(str(trained_workdir))
   assert [r["epoch"] for r in records] == [1, 2] and "learning_rate" in records[0]
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained_workdir))
+  assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["4", "8"]
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
