@@ -65,6 +65,16 @@ def random_batch(config, n=16, size=32, seed=0):
                                        config.cutout)}
 
 
+def inference_logits(model, variables, images):
+  """`model`'s logits on float `images` in inference mode, compiled whole (op by op, a
+  full-size network takes tens of seconds); a numpy array."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(
+      variables, jax.numpy.asarray(images)))
+
+
 def assert_same_state(a, b):
   """Two TrainStates equal bit for bit: step, params, BatchNorm statistics and optimizer state."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -10,11 +10,11 @@ reference model. Logits must agree within 1e-5 of the largest |logit|.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import cifar
+from conftest import inference_logits
 from mobilenet_jax import convert, models
 
 RTOL_OF_MAX = 1e-5
@@ -25,12 +25,6 @@ def _jax_model(preset, **overrides):
   config.model.update(overrides)
   model = models.create_model(config.model)
   return model, jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(1), 32))
-
-
-def _logits(model, variables, images):
-  """Inference logits, compiled whole (op by op, a full-size network takes tens of seconds)."""
-  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(
-      variables, jnp.asarray(images)))
 
 
 def _assert_close(actual, expected):
@@ -85,7 +79,7 @@ def test_keras_reference_file_converts_to_the_same_logits_and_back(tmp_path, con
   assert has_head
   images = _images()
   expected = np.asarray(reference(images))
-  _assert_close(_logits(model, variables, images), expected)
+  _assert_close(inference_logits(model, variables, images), expected)
 
   back = _keras_reference(alpha, shallow)
   convert.to_keras(variables, back)
@@ -99,7 +93,7 @@ def test_the_default_layout_is_what_makes_keras_agree():
   model, template = _jax_model("", alpha=0.25, padding="symmetric", bn_epsilon=1e-5)
   images = _images()
   expected = np.asarray(reference(images))
-  actual = _logits(model, convert.from_keras(reference, template)[0], images)
+  actual = inference_logits(model, convert.from_keras(reference, template)[0], images)
   assert np.abs(actual - expected).max() > 10 * RTOL_OF_MAX * np.abs(expected).max()
 
 
@@ -166,7 +160,7 @@ def test_pytorch_reference_state_dict_converts_to_the_same_logits_and_back(tmp_p
   variables = convert.from_torch(state_dict, template)
   images = _images()
   expected = _torch_logits(reference, images)
-  _assert_close(_logits(model, variables, images), expected)
+  _assert_close(inference_logits(model, variables, images), expected)
 
   back = _torch_reference(alpha=0.25)
   back.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
@@ -213,7 +207,7 @@ def test_the_cli_writes_a_workdir_that_predict_reads_with_the_reference_logits(t
   trained = workdirs.load(str(tmp_path / "run"))
   assert trained.step == 0 and trained.label_names[0] == "airplane"
   images = _images()
-  _assert_close(_logits(trained.model, trained.variables, images),
+  _assert_close(inference_logits(trained.model, trained.variables, images),
                 _torch_logits(reference, images))
 
   bad = subprocess.run([*convert_cli, "--config.model.alpha=0.5",
@@ -259,7 +253,7 @@ def test_keras_applications_file_converts_to_the_same_logits_and_back(tmp_path, 
   images = _unit_images(size)
   expected = np.asarray(reference(images))
   model = models.create_model(config.model)
-  _assert_close(_logits(model, variables, images), expected)
+  _assert_close(inference_logits(model, variables, images), expected)
 
   config.image_size = size
   convert.write("keras_app", variables, config, str(tmp_path / "back.h5"))
@@ -278,7 +272,7 @@ def test_keras_applications_without_top_keeps_a_fresh_head(tmp_path):
   images = _unit_images(128)
   head = template["params"]["head"]
   expected = np.asarray(reference(images)).mean((1, 2)) @ head["kernel"] + head["bias"]
-  _assert_close(_logits(models.create_model(config.model), variables, images), expected)
+  _assert_close(inference_logits(models.create_model(config.model), variables, images), expected)
 
 
 def test_a_keras_applications_file_of_another_alpha_or_top_is_named(tmp_path):
@@ -368,7 +362,7 @@ def test_timm_checkpoint_converts_to_the_same_logits_and_back(tmp_path, suffix):
       p.numel() for p in reference.parameters()) == 4_231_976
   images = _unit_images(96)
   expected = _torch_logits(reference, images)
-  _assert_close(_logits(model, variables, images), expected)
+  _assert_close(inference_logits(model, variables, images), expected)
 
   back_path = str(tmp_path / f"back.{suffix}")
   convert.write("timm", variables, config, back_path)
@@ -437,10 +431,10 @@ def test_init_from_starts_from_the_converted_logits(converted_workdir):
   model, fresh, start = _fine_tune_start(config)
   images = _images(seed=3)[:, :16, :16]
   variables = {"params": start.params, "batch_stats": start.batch_stats}
-  np.testing.assert_array_equal(_logits(model, variables, images),
-                                _logits(model, converted, images))
-  assert not np.array_equal(_logits(model, variables, images),
-                            _logits(model, {"params": fresh.params,
+  np.testing.assert_array_equal(inference_logits(model, variables, images),
+                                inference_logits(model, converted, images))
+  assert not np.array_equal(inference_logits(model, variables, images),
+                            inference_logits(model, {"params": fresh.params,
                                             "batch_stats": fresh.batch_stats}, images))
 
 

@@ -1,5 +1,4 @@
 """Deployment: TFLite export matches JAX, predict prints class names, eval mode, clear errors."""
-import functools
 import json
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHARED_TFDS, run_mocked, smoke_args
+from conftest import ROOT, SHARED_TFDS, inference_logits, run_mocked, smoke_args
 from mobilenet_jax import export, input_pipeline, models, workdirs
 
 # The int8 test's training images: 10,000 gave 97.8% top-1 agreement on 500 test images, 5,000
@@ -45,8 +44,7 @@ def test_tflite_float_logits_match_jax(stem, alpha):
   _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
       variables, input_pipeline.normalize(pixels, MEAN, STD))
   variables = {**variables, **updates}
-  expected = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, input_pipeline.normalize(pixels, MEAN, STD)))
+  expected = inference_logits(model, variables, input_pipeline.normalize(pixels, MEAN, STD))
   tflite = export.to_tflite(export.tf_function(config, variables, 32, MEAN, STD))
   got = _interpret(tflite, pixels)
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
@@ -81,12 +79,6 @@ def _predict(workdir, *args):
                          *map(str, args)], cwd=ROOT, capture_output=True, text=True, check=False)
 
 
-def _inference(trained):
-  """The workdir's model in inference mode, compiled, on normalized float images."""
-  return functools.partial(jax.jit(trained.model.apply, static_argnames="train"),
-                           trained.variables, train=False)
-
-
 def _expected_top(trained, image, top):
   """The `top` lines predict should print for an RGB uint8 image, computed with numpy from the
   model's logits on the image's centre square."""
@@ -96,7 +88,7 @@ def _expected_top(trained, image, top):
   square = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
   x = input_pipeline.resize(input_pipeline.normalize(square[None], config.mean, config.std),
                             config.image_size)
-  logits = np.asarray(_inference(trained)(x)[0], np.float64)
+  logits = inference_logits(trained.model, trained.variables, x)[0].astype(np.float64)
   probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
   order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top]
   return [f"  {probs[i]:7.2%}  {trained.label_names[i]}" for i in order]
@@ -168,8 +160,8 @@ def test_export_cli_writes_tflite_and_savedmodel_with_the_models_logits(trained_
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   trained = workdirs.load(str(trained_workdir))
   pixels = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
-  expected = np.asarray(_inference(trained)(input_pipeline.normalize(
-      pixels, trained.config.mean, trained.config.std)))
+  expected = inference_logits(trained.model, trained.variables, input_pipeline.normalize(
+      pixels, trained.config.mean, trained.config.std))
   tflite, saved = tmp_path / "m.tflite", tmp_path / "saved"
   for fmt, out in (("tflite", tflite), ("savedmodel", saved)):
     result = _export(f"--workdir={trained_workdir}", f"--format={fmt}", f"--out={out}")
