@@ -20,6 +20,21 @@ def test_mock_load_shapes_dtypes_and_labels(mock_tfds, smoke_config):
   assert data.num_classes == 10 and len(data.label_names) == 10
 
 
+@pytest.mark.parametrize("dataset,limits", [("cifar10", (64, 40)), ("cifar100", (None, None))])
+def test_the_subprocesses_mock_data_is_mock_tfds_data(mock_tfds, smoke_config, dataset, limits):
+  """mock_run.py (the tests' run.py in a subprocess) gives what `mock_tfds` reads through tfds."""
+  import mock_run  # pylint: disable=g-import-not-at-top
+  del mock_tfds
+  smoke_config.update(dataset=dataset, train_examples=limits[0], eval_examples=limits[1])
+  expected, mocked = input_pipeline.load(smoke_config), mock_run.mock_load(smoke_config)
+  for split in ("train", "test"):
+    for field in ("images", "labels"):
+      a, b = getattr(getattr(expected, split), field), getattr(getattr(mocked, split), field)
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(a, b, err_msg=f"{split} {field}")
+  assert (expected.num_classes, expected.label_names) == (mocked.num_classes, mocked.label_names)
+
+
 def test_cifar100_loads(mock_tfds, smoke_config):
   del mock_tfds
   smoke_config.dataset = "cifar100"

@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import (assert_same_state, fresh_state, latest_step, restore_latest,
                       smoke_args, start_mocked)
@@ -128,7 +129,12 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   assert "total" in stdout and "block13/pointwise/conv" in stdout  # The summary.
   records = metric_logging.read_metrics(str(trained_workdir))
   assert [r["epoch"] for r in records] == [1, 2] and "learning_rate" in records[0]
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained_workdir))
+  # TensorBoard reads the same values at the same steps (float32, as its events hold them).
+  events = event_accumulator.EventAccumulator(str(trained_workdir))
+  events.Reload()
+  logged = {(r["step"], k): v for r in records for k, v in r.items() if k != "step"}
+  assert {(e.step, tag): e.value for tag in events.Tags()["scalars"]
+          for e in events.Scalars(tag)} == pytest.approx(logged, rel=1e-6)
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["4", "8"]
 
 
