@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture
 def mock_tfds():
   """Patches tfds so every split yields 64 random examples with the dataset's real features."""
+  import mock_run  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  with tfds.testing.mock_data(num_examples=64):
+  with tfds.testing.mock_data(num_examples=mock_run.NUM_EXAMPLES):
     yield
 
 

@@ -13,16 +13,15 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from mobilenet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-NUM_EXAMPLES = 64  # Per split, as conftest's `mock_tfds`.
+NUM_EXAMPLES = 64  # Per split; conftest's `mock_tfds` too.
 
 
 def mock_load(config) -> input_pipeline.Dataset:
   """`input_pipeline.load` under `tfds.testing.mock_data(num_examples=NUM_EXAMPLES)`: the
   same examples, from the generator it reads back through TensorFlow (test_input_pipeline
   checks they are equal). Fixed-size RGB datasets only."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
-  features = tfds.builder(config.dataset, data_dir=config.data_dir or None).info.features
+  features = input_pipeline._builder(config).info.features  # pylint: disable=protected-access
   if features["image"].shape[-1] != 3 or None in features["image"].shape:
     raise ValueError(f"mock_run.py serves fixed-size RGB datasets, not {config.dataset!r}.")
   examples = list(mocking.RandomFakeGenerator(features, NUM_EXAMPLES))
