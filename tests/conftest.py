@@ -102,24 +102,23 @@ def smoke_args(workdir, *flags):
           "--config.progress_bar=False", f"--workdir={workdir}", *flags]
 
 
-def _mocked_command(args, env, mocked=True):
-  """run.py's command line (on tfds mock data if `mocked`) and environment."""
-  script = ROOT / "tests" / "mock_run.py" if mocked else ROOT / "run.py"
-  return [sys.executable, str(script), *args], {**os.environ, **(env or {})}
+def _mocked_command(args, env):
+  """run.py's command line as the tests launch it (`mock_run.py`), and its environment."""
+  return ([sys.executable, str(ROOT / "tests" / "mock_run.py"), *args],
+          {**os.environ, **(env or {})})
 
 
-def run_mocked(*args, env=None, timeout=600, mocked=True):
-  """Runs `run.py` in a fresh process (on tfds mock data if `mocked`); returns the
-  CompletedProcess."""
-  cmd, full_env = _mocked_command(args, env, mocked)
+def run_mocked(*args, env=None, timeout=600):
+  """Runs `run.py` in a fresh process (tfds datasets mocked); returns the CompletedProcess."""
+  cmd, full_env = _mocked_command(args, env)
   return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout, check=False)
 
 
-def start_mocked(*args, log, env=None, mocked=True):
-  """Starts `run.py` (on tfds mock data if `mocked`) in the background, its stdout and stderr
-  to the file `log` (a pipe left unread would fill and block it); returns the Popen."""
-  cmd, full_env = _mocked_command(args, env, mocked)
+def start_mocked(*args, log, env=None):
+  """Starts `run.py` (tfds datasets mocked) in the background, its stdout and stderr to the
+  file `log` (a pipe left unread would fill and block it); returns the Popen."""
+  cmd, full_env = _mocked_command(args, env)
   with open(log, "w", encoding="utf-8") as out:
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -130,8 +129,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(common, workdir, *args, num_processes=2, process_ids=None, per_process=None,
-                    mocked=True):
+def start_processes(common, workdir, *args, num_processes=2, process_ids=None, per_process=None):
   """Starts the processes of one multi-host run.py run, one CPU device each, on localhost:
   `common` then `args` flags (`process_ids`: only these processes; `per_process[i]`: extra
   flags of process i). Returns (Popen, log path) pairs."""
@@ -144,7 +142,7 @@ def start_processes(common, workdir, *args, num_processes=2, process_ids=None, p
                               f"--config.num_processes={num_processes}",
                               f"--config.process_id={i}", *args,
                               *(per_process[i] if per_process else []), log=log,
-                              env={"XLA_FLAGS": ""}, mocked=mocked), log))
+                              env={"XLA_FLAGS": ""}), log))
   return runs
 
 

@@ -103,7 +103,7 @@ def test_an_unreadable_image_stops_the_run_naming_the_file(tmp_path):
   result = run_mocked("--config=configs/cifar.py:smoke", "--config.progress_bar=False",
                       f"--config.dataset=folder:{root}", "--config.input=stream",
                       "--config.model.num_classes=2", f"--workdir={tmp_path / 'run'}",
-                      mocked=False, timeout=300)
+                      timeout=300)
   assert result.returncode != 0
   assert re.search(f"{root}/class_1/\\d+.jpg: not a readable image", result.stderr), (
       result.stderr[-3000:])
@@ -181,20 +181,20 @@ def test_imagenet_recipe_on_two_processes_resumes_after_a_kill_as_a_straight_run
   # The straight reference: one process with both devices, 16 images per process.
   reference = tmp_path / "reference"
   result = run_mocked(*common, "--config.per_process_batch_size=16", "--config.num_epochs=3",
-                      f"--workdir={reference}", mocked=False,
+                      f"--workdir={reference}",
                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert result.returncode == 0, result.stderr[-3000:]
 
   workdir = tmp_path / "run"
   args = ["--config.per_process_batch_size=8"]
-  runs = start_processes(common, workdir, *args, "--config.num_epochs=1000", mocked=False)
+  runs = start_processes(common, workdir, *args, "--config.num_epochs=1000")
   wait_for_checkpoint(runs, workdir, STEPS_PER_EPOCH)
   runs[1][0].send_signal(signal.SIGKILL)
   codes, logs = wait_all(runs, timeout=60)
   assert codes[0] not in (0, "timeout"), logs[0][-3000:]
 
-  codes, logs = wait_all(start_processes(common, workdir, *args, "--config.num_epochs=3",
-                                         mocked=False), timeout=180)
+  codes, logs = wait_all(start_processes(common, workdir, *args, "--config.num_epochs=3"),
+                         timeout=180)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert "Resuming from the checkpoint at step" in logs[0]
   config = _imagenet_config(imagenet_folder)
