@@ -15,7 +15,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 import jax  # pylint: disable=g-import-not-at-top
 # pylint: disable-next=g-import-not-at-top
-from mobilenet_jax import checkpoints, folders, input_pipeline, metric_logging, multihost
+from mobilenet_jax import arrays, checkpoints, folders, input_pipeline, metric_logging, multihost
 from mobilenet_jax import train, workdirs  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -28,7 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors that mean the command line or the workdir is wrong: one line, no traceback.
 USER_ERRORS = (train.ConfigError, input_pipeline.DatasetUnavailableError,
                input_pipeline.UnknownSplitError, checkpoints.MismatchedCheckpointError,
-               checkpoints.DamagedCheckpointError, folders.FolderError, FileNotFoundError)
+               checkpoints.DamagedCheckpointError, folders.FolderError, arrays.ArraysError,
+               FileNotFoundError)
 
 
 def _fail(message: str) -> None:

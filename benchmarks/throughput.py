@@ -1,18 +1,24 @@
 r"""Training and inference throughput of mobilenet-jax, side by side with the PyTorch peer.
 
-  python benchmarks/throughput.py                       # both stems, batch 128, float32
-  python benchmarks/throughput.py --stem 2 --conv lax shifted --json
+  python benchmarks/throughput.py                       # both layouts, batch 128, float32
+  python benchmarks/throughput.py --layout keras --conv lax shifted --json
 
+The two layouts are the reference scripts' networks, as configs/cifar.py builds them: `keras`
+(the default recipe: stem stride 2, conv biases, TensorFlow's padding) and `torch` (`:torch`,
+stem stride 1). 
 For each configuration it times, after warm-up, several rounds of
 - train step: the jitted `steps.train_step` (augmentation, forward, backward, SGD, BN updates)
   on a batch already on device;
 - train loop: the training loop's own compiled step (gather from the device-resident
-  dataset by the epoch's permutation, then the train step), as `train.py` runs it;
+  dataset by the epoch's permutation, then the train step), as `train.py` runs it, under
+  `--parallel` (jit over a mesh, or pmap);
 - inference: `inference.eval_logits` without test-time flips (normalization, then the model in
   inference mode), as evaluation and prediction run it: in sub-batches of
   `--inference-chunk` images (default: automatic, `inference.inference_chunk`);
-- when torch is importable, the peer ../shared/bench/torch_mobilenet.py for the same network
-  (one process each round: eager, then channels-last + torch.compile for inference).
+- when torch is importable, the peer benchmarks/torch_peer.py for the same network (one
+  process each round: eager, then channels-last + torch.compile for inference).
+Each row also gives the arithmetic it achieved: MACs x 2 FLOPs per image, x 3 for training
+(forward, and the backward pass's two products per layer).
 Each figure is the median over rounds, and each ratio (loop/step, against the peer) the median
 of the ratios within a round: this VM's speed jitters by +-15% between repetitions and drifts by
 up to a third between minutes, so only measurements taken side by side compare.
@@ -45,8 +51,10 @@ import numpy as np
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import convolutions, inference, input_pipeline, models, parallel, sampler, steps
+from mobilenet_jax import summary  # pylint: disable=g-import-not-at-top
 
-PEER = ROOT.parent / "shared" / "bench" / "torch_mobilenet.py"
+PEER = ROOT / "benchmarks" / "torch_peer.py"
+PRESETS = {"keras": "", "torch": "torch"}  # Each layout's preset in configs/cifar.py.
 # The peer's inference figures; the best of them in each round is the one compared.
 PEER_INFER = ("peer_infer_eager_img_s", "peer_infer_compiled_img_s")
 
@@ -110,24 +118,25 @@ def _free_depthwise_and_norm():
   models.conv_and_norm = conv_and_no_norm
 
 
-def measure(args, stem, impl, peer=None):
+def measure(args, layout, impl, peer=None):
   """One configuration's row; `peer`: a timer (`peer_timer`) run in every round, or None."""
-  config = cifar.get_config()
-  config.batch_size = args.batch
-  config.model.update(stem_stride=stem, alpha=args.alpha, dtype=args.dtype, conv=impl,
-                      use_bias=False)  # The PyTorch peer's layout.
+  config = cifar.get_config(PRESETS[layout])
+  config.update(batch_size=args.batch, parallel=args.parallel)
+  config.model.update(alpha=args.alpha, dtype=args.dtype, conv=impl)
   num_train = args.batch * 20
   rng = np.random.default_rng(0)
   split = input_pipeline.Split(rng.integers(0, 256, (num_train, 32, 32, 3), np.uint8),
                                rng.integers(0, 10, (num_train,), np.int32))
   runner = parallel.create_runner(config, num_train)
   model = models.create_model(config.model, axis_name=runner.axis_name)
-  state = steps.create_train_state(model, steps.create_optimizer(config, runner.steps_per_epoch),
-                                   jax.random.key(0), config.image_size)
-  state = runner.put_state(state)
-  row = {"impl": "jax", "conv": convolutions.resolve(impl), "stem_stride": stem,
-         "batch": args.batch, "alpha": args.alpha, "dtype": args.dtype,
-         "backend": jax.default_backend(), "devices": jax.device_count()}
+  initial = steps.create_train_state(model, steps.create_optimizer(config, runner.steps_per_epoch),
+                                     jax.random.key(0), config.image_size)
+  state = runner.put_state(initial)
+  row = {"impl": "jax", "layout": layout, "conv": convolutions.resolve(impl),
+         "stem_stride": config.model.stem_stride, "batch": args.batch, "alpha": args.alpha,
+         "dtype": args.dtype, "parallel": args.parallel, "backend": jax.default_backend(),
+         "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
+         "macs": summary.summarize(models.create_model(config.model), config.image_size).macs}
   if args.free_depthwise:
     row["conv"] += " (free depthwise)"
   if args.free_depthwise_and_norm:
@@ -138,7 +147,9 @@ def measure(args, stem, impl, peer=None):
            "label": jnp.asarray(split.labels[:args.batch]),
            **sampler.augmentation_draws(jax.random.key(2), args.batch, config.crop_padding)}
   step = jax.jit(lambda s, b, r: steps.train_step(s, b, r, config), donate_argnums=0)
-  step_state = {"state": jax.tree.map(jnp.copy, state)}
+  # One device's state, its BatchNorm unbound from pmap's axis (the step is jitted alone).
+  step_state = {"state": jax.tree.map(jnp.copy, initial).replace(
+      apply_fn=models.create_model(config.model).apply)}
   key = jax.random.key(1)
   start = time.perf_counter()
   step_state["state"], m = step(step_state["state"], batch, key)
@@ -158,8 +169,7 @@ def measure(args, stem, impl, peer=None):
 
   # Inference, as evaluation and prediction run it (in sub-batches on CPU; no test-time flips),
   # on a copy of the initial variables (the loop donates `state` when it first runs).
-  host_state = runner.get_state(state)
-  variables = jax.device_put({"params": host_state.params, "batch_stats": host_state.batch_stats})
+  variables = jax.device_put({"params": initial.params, "batch_stats": initial.batch_stats})
   infer_model = models.create_model(config.model)
   config.inference_chunk = args.inference_chunk
   row["inference_chunk"] = inference.inference_chunk(config)
@@ -176,6 +186,8 @@ def measure(args, stem, impl, peer=None):
     rates = _rounds(timers + ([peer] if peer else []), args.repeats)
   row.update({name: statistics.median(r) for name, r in rates.items()})
   row["loop_vs_step"] = _median_ratio(rates["train_loop_img_s"], rates["train_step_img_s"])
+  row["train_tflops"] = row["train_step_img_s"] * row["macs"] * 6 / 1e12
+  row["infer_tflops"] = row["infer_img_s"] * row["macs"] * 2 / 1e12
   if peer:
     row.update(torch=peer.torch, peer_threads=peer.threads)
     best_infer = [max(r) for r in zip(*(rates[k] for k in PEER_INFER if k in rates))]
@@ -184,7 +196,7 @@ def measure(args, stem, impl, peer=None):
   return row
 
 
-def peer_timer(args, stem):
+def peer_timer(args, layout):
   """A timer that runs the PyTorch peer once (eager; then channels-last + torch.compile for
   inference unless --no-compile), or None without torch or with --no-peer."""
   try:
@@ -193,17 +205,19 @@ def peer_timer(args, stem):
     return None
   if args.no_peer or not PEER.exists():
     return None
-  def run(*extra):
-    out = subprocess.run([sys.executable, str(PEER), "--stem-stride", str(stem), "--batch",
-                          str(args.batch), "--alpha", str(args.alpha), "--steps",
-                          str(args.steps), *extra], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+  def run(mode, *extra):
+    out = subprocess.run([sys.executable, str(PEER), "--layout", layout, "--batch",
+                          str(args.batch), "--alpha", str(args.alpha), "--dtype", args.dtype,
+                          "--steps", str(args.steps), "--modes", mode, *extra],
+                         capture_output=True, text=True, check=True)
+    peer = json.loads(out.stdout.strip().splitlines()[-1])
+    timer.torch, timer.threads = peer["torch"], peer["threads"]
+    return peer["rates"][mode]
   def timer():
-    eager = run()
-    timer.torch, timer.threads = eager["torch"], eager["threads"]
+    eager = run("eager")
     rates = {"peer_train_img_s": eager["train_img_s"], PEER_INFER[0]: eager["infer_img_s"]}
     if not args.no_compile:
-      rates[PEER_INFER[1]] = run("--channels-last", "--compile")["infer_img_s"]
+      rates[PEER_INFER[1]] = run("compiled", "--infer-only")["infer_img_s"]
     return rates
   return timer
 
@@ -211,7 +225,8 @@ def peer_timer(args, stem):
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--stem", type=int, nargs="+", default=[2, 1])
+  p.add_argument("--layout", nargs="+", default=["keras", "torch"], choices=sorted(PRESETS))
+  p.add_argument("--parallel", default="jit", choices=("jit", "pmap"))
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--alpha", type=float, default=1.0)
   p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
@@ -243,9 +258,9 @@ def main():
     _free_depthwise_and_norm()
 
   rows = []
-  for stem in args.stem:
+  for layout in args.layout:
     for impl in args.conv:
-      row = measure(args, stem, impl, peer_timer(args, stem))
+      row = measure(args, layout, impl, peer_timer(args, layout))
       rows.append(row)
       if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
@@ -255,10 +270,10 @@ def main():
 
 
 def table(rows):
-  cols = [("stem", "stem_stride", "{}"), ("conv", "conv", "{}"), ("batch", "batch", "{}"),
+  cols = [("layout", "layout", "{}"), ("conv", "conv", "{}"), ("batch", "batch", "{}"),
           ("compile s", "compile_s", "{:.1f}"), ("train step img/s", "train_step_img_s", "{:.0f}"),
           ("train loop img/s", "train_loop_img_s", "{:.0f}"),
-          ("loop/step", "loop_vs_step", "{:.2f}"),
+          ("loop/step", "loop_vs_step", "{:.2f}"), ("train TFLOP/s", "train_tflops", "{:.3g}"),
           ("infer chunk", "inference_chunk", "{}"), ("infer img/s", "infer_img_s", "{:.0f}"),
           ("torch train", "peer_train_img_s", "{:.0f}"),
           ("torch infer eager", "peer_infer_eager_img_s", "{:.0f}"),

@@ -22,9 +22,13 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.mode = "train"            # 'train' | 'eval' (test accuracy of the workdir's latest checkpoint)
 
   # Data (mobilenet_jax/datasets.py).
-  # Any tfds image classification dataset (grayscale is read as RGB), or 'folder:PATH': one
-  # subfolder of images per class, or train/ and val/ (or test/) folders of those (folders.py).
+  # Any tfds image classification dataset (grayscale is read as RGB); 'folder:PATH': one
+  # subfolder of images per class, or train/ and val/ (or test/) folders of those (folders.py);
+  # or 'npz:PATH': Keras' x_train, y_train, x_test, y_test arrays in one .npz file or a folder
+  # of chunks, which `python -m mobilenet_jax.arrays` writes from any of these (arrays.py).
   c.dataset = "cifar10"
+  # npz: datasets whose files hold no label_names: the class names (None: the label numbers).
+  c.class_names = ml_collections.config_dict.placeholder(tuple)
   c.folder_holdout = 0.1     # Held out of each class for evaluation when a folder has no val/.
   # 'device': the splits held in device memory, each step's batch gathered there; 'stream':
   # each step's batch read on the host, per process (streaming.py); 'auto': device when the
@@ -60,7 +64,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.eval_resize = "bilinear"
   c.mean = (125.307, 122.95, 113.865)
   c.std = (62.9932, 62.0887, 66.7048)
-  # tfds datasets: None, the whole split; an int keeps the split's first n examples.
+  # tfds and npz: datasets: None, the whole split; an int keeps the split's first n examples.
   c.train_examples = ml_collections.config_dict.placeholder(int)
   c.eval_examples = ml_collections.config_dict.placeholder(int)
 

@@ -1,16 +1,16 @@
 """Which data, and how it reaches the devices: `config.dataset` and `config.input`.
 
-A tfds name (`input_pipeline.py`) or `folder:PATH` (`folders.py`); then `device` holds the
-splits in device memory (every step gathers its batch there), `stream` reads each step's
-batch on the host (`streaming.py`), and `auto` picks `device` when the training split
-takes at most `config.input_device_share` of one device's memory, else `stream`.
+A tfds name (`input_pipeline.py`), `folder:PATH` (`folders.py`) or `npz:PATH` (`arrays.py`);
+then `device` holds the splits in device memory (every step gathers its batch there), `stream`
+reads each step's batch on the host (`streaming.py`), and `auto` picks `device` when the
+training split takes at most `config.input_device_share` of one device's memory, else `stream`.
 """
 import os
 
 from absl import logging
 import jax
 
-from mobilenet_jax import folders, input_pipeline, streaming
+from mobilenet_jax import arrays, folders, input_pipeline, streaming
 
 INPUT_MODES = ("device", "stream", "auto")
 
@@ -29,6 +29,11 @@ def check_config(config) -> None:
     raise ValueError(f"config.augment='inception' crops image files on the host; "
                      f"config.dataset={config.dataset!r} is stored at one size: use "
                      "--config.augment=crop+flip, or a folder:PATH dataset.")
+  if arrays.is_arrays(config.dataset) and (config.train_split, config.eval_split) != (
+      "train", "test"):
+    raise ValueError(f"config.train_split={config.train_split!r}, config.eval_split="
+                     f"{config.eval_split!r}: an npz: dataset's splits are its x_train and "
+                     "x_test; use config.train_examples / eval_examples to keep fewer.")
   if config.augment == "inception" and config.input == "device":
     raise ValueError("config.augment='inception' crops each image file anew every step, on "
                      "the host: use --config.input=stream (or auto).")
@@ -60,6 +65,8 @@ def load(config):
   memory, ready to go on the devices; with `stream` they are sources the host reads from."""
   if folders.is_folder(config.dataset):
     train, test, names = folders.load(config)
+  elif arrays.is_arrays(config.dataset):
+    train, test, names = arrays.load(config)
   else:
     data = input_pipeline.load(config)
     train, test, names = data.train, data.test, data.label_names

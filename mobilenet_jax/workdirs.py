@@ -17,7 +17,8 @@ ADDED_FIELDS = {"eval_flip": False, "model.kernel_init": "he_normal", "inference
                 "eval_shift": 0, "train_split": "train", "eval_split": "test",
                 "model.padding": "symmetric", "model.activation": "relu",
                 "model.bn_momentum": 0.9, "model.bn_epsilon": 1e-5, "model.dropout": 0.0,
-                "eval_crop": None, "eval_resize": "bilinear", "init_from": None}
+                "eval_crop": None, "eval_resize": "bilinear", "init_from": None,
+                "class_names": None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,12 @@ def share_the_compilation_cache_between_processes():
   `jax_share_binary_between_hosts` hands it over. The devices' processes stay in the key, so
   one process with two devices and two processes with one never share an entry.
   """
-  from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+  try:  # A private hook of JAX 0.10: where a JAX lacks it, processes compile on their own.
+    from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if not hasattr(cache_key, "_hash_accelerator_config"):
+    return
 
   def devices_and_processes(hash_obj, devices):
     for device in devices.flat:

@@ -191,3 +191,26 @@ def test_resuming_with_an_incompatible_config_says_so(mock_tfds, smoke_config, t
   with pytest.raises(checkpoints.MismatchedCheckpointError,
                      match="does not fit the configured model or optimizer"):
     train.train_and_evaluate(smoke_config, str(tmp_path))
+
+
+def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, smoke_config,
+                                                                  trained_workdir, tmp_path):
+  """tfds -> `arrays.write` (in chunks) -> `npz:` trains what the tfds run trained, bit for bit."""
+  from conftest import run_mocked  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import arrays, input_pipeline  # pylint: disable=g-import-not-at-top
+  del mock_tfds
+  data = input_pipeline.load(smoke_config)  # The smoke preset's 64 and 40 examples.
+  files = arrays.write(data, str(tmp_path / "cifar10"), chunk_bytes=30 * 32 * 32 * 3)
+  assert len(files) == 4
+  workdir = tmp_path / "from_arrays"
+  result = run_mocked(*smoke_args(workdir, f"--config.dataset=npz:{tmp_path / 'cifar10'}"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_same_state(restore_latest(workdir, smoke_config),
+                    restore_latest(trained_workdir, smoke_config))
+  for name in ("results.json", "label_names.json"):
+    expected = json.loads((trained_workdir / name).read_text())
+    got = json.loads((workdir / name).read_text())
+    if name == "results.json":
+      expected.pop("wall_s"), got.pop("wall_s")
+      expected.pop("train_images_per_s"), got.pop("train_images_per_s")
+    assert got == expected
