@@ -33,8 +33,11 @@ back to back, each carrying one chunk (and `.whl`); the first two run only `true
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \
   python3 benchmarks/device_check.py --out=$OUT --dataset=npz:.data/cifar10
 
-(~8.5 minutes: tests ~1, throughput ~4, training 3). If a chunk did not arrive, the reader
-names the missing one and the train part records that error; the other parts still run.
+`--minutes` (8.5) bounds the whole check: the tests get at most a third of it, throughput rows
+start while more than a minute is left beyond `--train_minutes` (3), and training takes the
+rest; rows left out are listed. If a chunk did not arrive, the reader names the missing one and
+the train part records that error; the other parts still run. `--parts throughput` (or
+`tests`, `train`) runs one part, e.g. to spend a second session's minutes on the rest.
 """
 import argparse
 import datetime
@@ -51,6 +54,9 @@ import xml.etree.ElementTree as ET
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# JAX takes 75% of a GPU's memory at its first use by default: with the check's own process,
+# the test workers and the PyTorch peer on one card, each takes what it uses instead.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # pylint: disable=g-import-not-at-top
 
@@ -142,12 +148,13 @@ def _peer(layout, dtype, batch, alpha, cpu: bool, clock: Clock) -> dict:
   return {"device": device, "torch": peer["torch"], **peer["rates"]}
 
 
-def run_throughput(grid, alpha: float, cpu: bool, clock: Clock) -> dict:
+def run_throughput(grid, alpha: float, cpu: bool, clock: Clock, reserve_s: float) -> dict:
   """A row per grid entry (JAX's figures, TFLOP/s, share of peak), and the peer's per
-  (layout, dtype, batch), each run once."""
+  (layout, dtype, batch), each run once; no row starts with under a minute left beyond
+  `reserve_s` (the training part's)."""
   rows, peers, skipped = [], {}, []
   for layout, dtype, conv, batch, parallel in grid:
-    if clock.left_s() < 60:
+    if clock.left_s() - reserve_s < 60:
       skipped.append([layout, dtype, conv, batch, parallel])
       continue
     args = argparse.Namespace(batch=batch, alpha=alpha, dtype=dtype, parallel=parallel,
@@ -270,8 +277,9 @@ def main(argv=None):
   if "tests" in args.parts:
     report["tests"] = run_tests(args.tests, args.out, clock)
   if "throughput" in args.parts:
+    reserve_s = 60 * args.train_minutes + 30 if "train" in args.parts else 0
     report["throughput"] = run_throughput(CPU_GRID if args.cpu else GPU_GRID,
-                                          0.25 if args.cpu else 1.0, args.cpu, clock)
+                                          0.25 if args.cpu else 1.0, args.cpu, clock, reserve_s)
   if "train" in args.parts:
     minutes = min(args.train_minutes, max(0.5, clock.left_s() / 60 - 0.5))
     report["train"] = run_training(args.dataset, minutes, args.cpu, args.workdir)

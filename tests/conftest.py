@@ -159,11 +159,16 @@ def wait_all(runs, timeout):
   return codes, [open(log, encoding="utf-8").read() for _, log in runs]
 
 
-def wait_for_checkpoint(runs, workdir, step, timeout=100):
-  """Returns once the running processes have saved the checkpoint at `step`."""
+def wait_for_checkpoint(runs, workdir, step, timeout=300):
+  """Returns once the running processes have saved the checkpoint at `step`; else kills them
+  (left running, they would slow every test after) and fails."""
   deadline = time.time() + timeout
   while not (workdir / "checkpoints" / str(step)).exists():
-    assert all(proc.poll() is None for proc, _ in runs) and time.time() < deadline
+    if not all(proc.poll() is None for proc, _ in runs) or time.time() > deadline:
+      for proc, _ in runs:
+        proc.kill()
+      pytest.fail(f"no checkpoint at step {step} in {workdir} within {timeout} s, or a process "
+                  f"exited: {[proc.poll() for proc, _ in runs]}")
     time.sleep(0.05)
 
 

@@ -28,17 +28,22 @@ def test_the_check_runs_without_tensorflow_and_writes_its_tables(tmp_path):
   arrays.write(input_pipeline.Dataset(split(64), split(40), 10, tuple("abcdefghij")),
                str(tmp_path / "cifar"), chunk_bytes=40 * 32 * 32 * 3)
   blocked = _blocked_imports(tmp_path / "blocked")
+  tests = tmp_path / "test_toy.py"  # Standing in for TESTS: one passes, one fails.
+  tests.write_text("def test_passes():\n  assert 1 + 1 == 2\n\n\n"
+                   "def test_fails():\n  assert 1 + 1 == 3, 'planted'\n")
   out = tmp_path / "out"
   result = subprocess.run(
       [sys.executable, "benchmarks/device_check.py", "--cpu", f"--out={out}",
        f"--dataset=npz:{tmp_path / 'cifar'}", f"--workdir={tmp_path / 'workdir'}",
-       "--tests", "tests/test_sampler.py::test_same_key_same_draws_and_different_keys_differ"],
+       "--tests", str(tests)],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
       env={**os.environ, "PYTHONPATH": str(blocked)})
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((out / "device_check.json").read_text())
 
-  assert report["tests"]["tests"] == 1 and report["tests"]["failed"] == 0, report["tests"]
+  assert (report["tests"]["tests"], report["tests"]["failed"]) == (2, 1), report["tests"]
+  assert report["tests"]["failures"] == ["test_toy.test_fails: AssertionError: planted\n"
+                                         "assert (1 + 1) == 3"], report["tests"]
   rows = report["throughput"]["rows"]
   assert [(r["layout"], r["dtype"], r["conv"], r["parallel"]) for r in rows] == [
       ("keras", "float32", "shifted", "pmap")]

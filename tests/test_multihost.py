@@ -26,6 +26,8 @@ COMMON = ["--config=configs/cifar.py:smoke", "--config.download=False",
           "--config.progress_bar=False", "--config.model.shallow=True", "--config.image_size=32",
           "--config.model.stem_stride=1", "--config.keep_checkpoints=100",
           "--config.heartbeat_timeout_s=10", "--config.distributed_timeout_s=30"]
+# The most a run that should finish may take (~40 s here; a slow, loaded machine takes 3x).
+RUN_S = 300
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 # pmap reduces the gradients in another order than jit: float32 rounding after 4 steps.
 RTOL, ATOL = 1e-5, 1e-6
@@ -91,7 +93,7 @@ def _assert_one_epoch_as_the_reference(workdir, reference, parallel):
 def test_two_processes_under_pmap_train_as_one_process_with_two_devices(reference, tmp_path):
   workdir = tmp_path / "run"
   codes, logs = wait_all(_start(workdir, "--config.num_epochs=1", "--config.parallel=pmap"),
-                         timeout=110)
+                         timeout=RUN_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   _assert_one_epoch_as_the_reference(workdir, reference, "pmap")
 
@@ -100,7 +102,7 @@ def test_two_processes_train_as_one_then_a_preempted_and_killed_rerun_resumes_as
     reference, tmp_path):
   ref_dir, _ = reference
   workdir = tmp_path / "run"
-  codes, logs = wait_all(_start(workdir, "--config.num_epochs=1"), timeout=110)
+  codes, logs = wait_all(_start(workdir, "--config.num_epochs=1"), timeout=RUN_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   _assert_one_epoch_as_the_reference(workdir, reference, "jit")
 
@@ -131,7 +133,7 @@ def test_two_processes_train_as_one_then_a_preempted_and_killed_rerun_resumes_as
   last = latest_step(workdir)
   epochs = last // STEPS_PER_EPOCH + 1
   assert 2 <= epochs <= REFERENCE_EPOCHS, last
-  codes, logs = wait_all(_start(workdir, f"--config.num_epochs={epochs}"), timeout=110)
+  codes, logs = wait_all(_start(workdir, f"--config.num_epochs={epochs}"), timeout=RUN_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert f"Resuming from the checkpoint at step {last}" in logs[0]
   _assert_states_equal(_state_at(workdir, epochs * STEPS_PER_EPOCH),

@@ -194,7 +194,7 @@ def test_imagenet_recipe_on_two_processes_resumes_after_a_kill_as_a_straight_run
   assert codes[0] not in (0, "timeout"), logs[0][-3000:]
 
   codes, logs = wait_all(start_processes(common, workdir, *args, "--config.num_epochs=3"),
-                         timeout=180)
+                         timeout=400)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert "Resuming from the checkpoint at step" in logs[0]
   config = _imagenet_config(imagenet_folder)
