@@ -112,7 +112,8 @@ def run_tests(files, out: pathlib.Path, clock: Clock) -> dict:
   for case in suite.iter("testcase"):
     problem = case.find("failure") if case.find("failure") is not None else case.find("error")
     if problem is not None:
-      failed.append(f"{case.get('classname')}.{case.get('name')}: "
+      module = case.get("classname").rsplit(".", 1)[-1]  # Its prefix depends on the rootdir.
+      failed.append(f"{module}.{case.get('name')}: "
                     f"{problem.get('message', '')[:300]}")
   return {"files": list(files), "tests": int(suite.get("tests")),
           "failed": int(suite.get("failures")) + int(suite.get("errors")),
