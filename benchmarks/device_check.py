@@ -135,17 +135,14 @@ def _peer(layout, dtype, batch, alpha, cpu: bool, clock: Clock) -> dict:
   device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
   kind = "cpu" if cpu else "gpu"
   modes = PEER_MODES[kind] + (("compiled",) if batch in COMPILED_BATCHES[kind] else ())
-  cmd = [sys.executable, str(throughput.PEER), "--layout", layout, "--batch", str(batch),
-         "--alpha", str(alpha), "--dtype", dtype, "--device", device,
-         "--steps", "2" if cpu else "20", "--repeats", "1" if cpu else "3", "--modes", *modes]
   try:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                            timeout=max(10, min(240, clock.left_s())))
+    peer = throughput.run_peer(layout, batch, alpha, dtype, 2 if cpu else 20, modes,
+                               "--device", device, "--repeats", "1" if cpu else "3",
+                               timeout=max(10, min(240, clock.left_s())))
   except subprocess.TimeoutExpired:
     return {"error": "timed out"}
-  if result.returncode:
-    return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?"}
-  peer = json.loads(result.stdout.strip().splitlines()[-1])
+  except subprocess.CalledProcessError as e:
+    return {"error": e.stderr.strip().splitlines()[-1] if e.stderr.strip() else "?"}
   return {"device": device, "torch": peer["torch"], **peer["rates"]}
 
 
@@ -240,10 +237,7 @@ def markdown(report: dict) -> str:
             ("torch compiled train", "torch_compiled_train_img_s", "{:.0f}"),
             ("torch eager infer", "torch_eager_infer_img_s", "{:.0f}"),
             ("torch compiled infer", "torch_compiled_infer_img_s", "{:.0f}")]
-    lines += ["| " + " | ".join(h for h, _, _ in cols) + " |",
-              "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f.format(r[k]) if r.get(k) is not None else "-"
-                                for _, k, f in cols) + " |" for r in speed["rows"]]
+    lines.append(throughput.table(speed["rows"], cols))
     errors = {k: v["error"] for k, v in speed["peer"].items() if "error" in v}
     lines += [""] + [f"peer {k}: {e}" for k, e in errors.items()]
     if speed["skipped"]:

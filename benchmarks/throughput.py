@@ -196,6 +196,16 @@ def measure(args, layout, impl, peer=None):
   return row
 
 
+def run_peer(layout, batch, alpha, dtype, steps, modes, *extra, timeout=None) -> dict:
+  """benchmarks/torch_peer.py's JSON line for one configuration, run in its own process
+  (raises CalledProcessError or TimeoutExpired)."""
+  out = subprocess.run([sys.executable, str(PEER), "--layout", layout, "--batch", str(batch),
+                        "--alpha", str(alpha), "--dtype", dtype, "--steps", str(steps),
+                        "--modes", *modes, *extra],
+                       capture_output=True, text=True, check=True, timeout=timeout)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def peer_timer(args, layout):
   """A timer that runs the PyTorch peer once (eager; then channels-last + torch.compile for
   inference unless --no-compile), or None without torch or with --no-peer."""
@@ -206,11 +216,7 @@ def peer_timer(args, layout):
   if args.no_peer or not PEER.exists():
     return None
   def run(mode, *extra):
-    out = subprocess.run([sys.executable, str(PEER), "--layout", layout, "--batch",
-                          str(args.batch), "--alpha", str(args.alpha), "--dtype", args.dtype,
-                          "--steps", str(args.steps), "--modes", mode, *extra],
-                         capture_output=True, text=True, check=True)
-    peer = json.loads(out.stdout.strip().splitlines()[-1])
+    peer = run_peer(layout, args.batch, args.alpha, args.dtype, args.steps, [mode], *extra)
     timer.torch, timer.threads = peer["torch"], peer["threads"]
     return peer["rates"][mode]
   def timer():
@@ -269,8 +275,10 @@ def main():
     print(table(rows))
 
 
-def table(rows):
-  cols = [("layout", "layout", "{}"), ("conv", "conv", "{}"), ("batch", "batch", "{}"),
+def table(rows, cols=None):
+  """A markdown table of `rows`: `cols` is (header, row key, format) triples; a missing or None
+  value shows as '-'."""
+  cols = cols or [("layout", "layout", "{}"), ("conv", "conv", "{}"), ("batch", "batch", "{}"),
           ("compile s", "compile_s", "{:.1f}"), ("train step img/s", "train_step_img_s", "{:.0f}"),
           ("train loop img/s", "train_loop_img_s", "{:.0f}"),
           ("loop/step", "loop_vs_step", "{:.2f}"), ("train TFLOP/s", "train_tflops", "{:.3g}"),
@@ -279,8 +287,8 @@ def table(rows):
           ("torch infer eager", "peer_infer_eager_img_s", "{:.0f}"),
           ("torch infer compiled", "peer_infer_compiled_img_s", "{:.0f}"),
           ("train ratio", "train_ratio", "{:.2f}x"), ("infer ratio", "infer_ratio", "{:.2f}x")]
-  cells = [[h for h, _, _ in cols]] + [[f.format(r[k]) if k in r else "-" for _, k, f in cols]
-                                       for r in rows]
+  cells = [[h for h, _, _ in cols]] + [
+      [f.format(r[k]) if r.get(k) is not None else "-" for _, k, f in cols] for r in rows]
   widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
   lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

@@ -12,11 +12,11 @@ Reading needs numpy alone (no TensorFlow, no tfds), which is what a machine with
 accelerator and little else needs; writing reads any dataset the trainer reads:
 
   python -m mobilenet_jax.arrays --config=configs/cifar.py \
-      --config.data_dir=../shared/tensorflow_datasets --out=data/cifar10 --chunk_mb=60
+      --config.data_dir=../shared/tensorflow_datasets --out=data/cifar10 --chunk_mb=62
   python run.py --config=configs/cifar.py --config.dataset=npz:data/cifar10 --workdir=...
 
 Chunks let a dataset larger than one transfer travel in several (CIFAR-10 is 184 MB as uint8:
-four chunks of 60 MB or less; benchmarks/device_check.py says how they reach a GPU machine).
+three chunks of 62 MB or less; benchmarks/device_check.py says how they reach a GPU machine).
 """
 import glob
 import os
@@ -150,10 +150,9 @@ def write(data, out: str, chunk_bytes: int | None = None) -> list[str]:
   """Writes an `input_pipeline.Dataset` (its splits in host memory) as arrays: `out` (a file
   ending in .npz) whole, or with `chunk_bytes` a folder `out` of chunks of at most that many
   bytes of images (at least one image each). Returns the files written."""
-  rows = [(split, i) for split in SPLITS for i in range(len(getattr(data, split)))]
-  row_bytes = data.train.images[0].nbytes
-  per_chunk = len(rows) if not chunk_bytes else max(1, chunk_bytes // row_bytes)
-  starts = range(0, len(rows), per_chunk)
+  n_train, n_rows = len(data.train), len(data.train) + len(data.test)
+  per_chunk = n_rows if not chunk_bytes else max(1, chunk_bytes // data.train.images[0].nbytes)
+  starts = range(0, n_rows, per_chunk)
   name = os.path.basename(os.path.normpath(out)).removesuffix(".npz")
   if chunk_bytes:
     os.makedirs(out, exist_ok=True)
@@ -164,12 +163,14 @@ def write(data, out: str, chunk_bytes: int | None = None) -> list[str]:
   dtype = np.min_scalar_type(max(len(data.label_names) - 1, 0))
   for file, start in zip(files, starts):
     arrays = {NAMES_KEY: np.asarray(data.label_names, str)}
-    for split, (x_key, y_key) in SPLITS.items():
-      held = [i for s, i in rows[start:start + per_chunk] if s == split]
-      if held:
-        source = getattr(data, split)
-        arrays[x_key] = source.images[held[0]:held[-1] + 1]
-        arrays[y_key] = source.labels[held[0]:held[-1] + 1, None].astype(dtype)
+    # Rows [start, stop) of the training split followed by the test split.
+    stop = min(start + per_chunk, n_rows)
+    for (source, offset), (x_key, y_key) in zip(((data.train, 0), (data.test, n_train)),
+                                                SPLITS.values()):
+      first, last = max(start - offset, 0), min(stop - offset, len(source))
+      if first < last:
+        arrays[x_key] = source.images[first:last]
+        arrays[y_key] = source.labels[first:last, None].astype(dtype)
     tmp = file + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, file)  # Whole or not at all: a reader never sees half a chunk.
