@@ -22,7 +22,7 @@ On the GPU machine (NVIDIA H200, JAX 0.11, no TensorFlow, tfds or ml_collections
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
       ml_collections==1.1.0
   .venv/bin/python -m mobilenet_jax.arrays --config=configs/cifar.py \
-      --config.data_dir=../shared/tensorflow_datasets --out=.data/cifar10 --chunk_mb=62
+      --config.data.dir=../shared/tensorflow_datasets --out=.data/cifar10 --chunk_mb=62
 
 CIFAR-10 as uint8 is 184 MB: three chunks of <= 62 MB, one per call. The machine keeps the
 repository's ignored files while it stays warm (30 s after a call), so call `run` three times
@@ -62,7 +62,7 @@ import jax  # pylint: disable=g-import-not-at-top
 
 from benchmarks import throughput  # pylint: disable=g-import-not-at-top
 from configs import cifar  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import train  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import train, workdirs  # pylint: disable=g-import-not-at-top
 
 TESTS = ("tests/test_arrays.py", "tests/test_configs.py", "tests/test_inference.py",
          "tests/test_models.py", "tests/test_plot_curves.py", "tests/test_sampler.py",
@@ -178,7 +178,8 @@ def run_training(dataset: str, minutes: float, cpu: bool, workdir: pathlib.Path)
   """The default recipe (the smoke preset with --cpu) on `dataset`, stopped after `minutes`
   as a preemption is (SIGTERM: a checkpoint, then return); its last epoch's figures."""
   config = cifar.get_config("smoke" if cpu else "")
-  config.update(dataset=dataset, progress_bar=False, download=False)
+  config.data.update(name=dataset, download=False)
+  config.log.progress_bar = False
   workdir.mkdir(parents=True, exist_ok=True)
   # A SIGTERM after the run restored the handler it found must not kill the check.
   signal.signal(signal.SIGTERM, lambda *_: None)
@@ -191,7 +192,7 @@ def run_training(dataset: str, minutes: float, cpu: bool, workdir: pathlib.Path)
     return {"dataset": dataset, "error": f"{type(e).__name__}: {e}"}
   finally:
     timer.cancel()
-  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+  with open(workdir / workdirs.METRICS_FILE, encoding="utf-8") as f:
     epochs = [json.loads(line) for line in f]
   last = epochs[-1] if epochs else {}
   return {"dataset": dataset, "preset": "smoke" if cpu else "default", "epochs": len(epochs),

@@ -5,7 +5,7 @@ r"""Streamed input against the device pipeline, side by side, and the host's JPE
 
 - train loop: the training loop's step as `train.py` runs it, over `--steps` steps, with each
   feed: `device` (the dataset on device, the batch gathered there) and `stream` (each batch
-  read on the host and put on the device `config.prefetch` steps ahead). The two train the
+  read on the host and put on the device `config.input.prefetch` steps ahead). The two train the
   same model (tests/test_streaming.py), so the ratio is the price of streaming alone.
 - decode: 224-pixel training images as a streamed folder makes them (`FileSource.read`,
   then `inception_crop`) from generated JPEGs of ImageNet's typical 500x375, on
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import datasets, folders, models, parallel, steps, streaming
+from mobilenet_jax import datasets, folders, images, models, parallel, steps, streaming
 
 
 def _feed_timer(config, data, mode, num_steps):
@@ -40,7 +40,7 @@ def _feed_timer(config, data, mode, num_steps):
           else parallel.DeviceFeed(runner, data))
   state = runner.put_state(steps.create_train_state(
       models.create_model(config.model), steps.create_optimizer(config, runner.steps_per_epoch),
-      jax.random.key(0), config.image_size))
+      jax.random.key(0), config.input.image_size))
   holder = {"state": state, "step": 0}
 
   def run(n):
@@ -51,7 +51,7 @@ def _feed_timer(config, data, mode, num_steps):
       holder["state"], metrics = runner.train(holder["state"], *args)
     jax.block_until_ready(metrics)
     holder["step"] = stop
-    return (stop - start_step) * config.batch_size / (time.perf_counter() - start)
+    return (stop - start_step) * config.input.batch_size / (time.perf_counter() - start)
 
   run(2)  # Compile.
   return lambda: run(num_steps)
@@ -69,7 +69,7 @@ def _decode_rate(workers: int, num_images: int = 64) -> float:
           0, 50, (375, 500, 3))
       Image.fromarray(image.astype(np.uint8)).save(path, quality=90)
     source = folders.FileSource(tuple(paths), np.zeros(num_images, np.int32))
-    crop = lambda j: streaming.inception_crop(source.read(j), np.random.default_rng(j), 224)
+    crop = lambda j: images.inception_crop(source.read(j), np.random.default_rng(j), 224)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       list(pool.map(crop, range(8)))  # Warm-up.
       start = time.perf_counter()
@@ -87,7 +87,8 @@ def main():
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   config = cifar.get_config(args.preset)
-  config.update(data_dir=args.data_dir, download=False, input="device")
+  config.data.update(dir=args.data_dir, download=False)
+  config.input.mode = "device"
   data, _ = datasets.load(config)
   timers = {mode: _feed_timer(config, data, mode, args.steps) for mode in ("device", "stream")}
   rounds = {mode: [] for mode in timers}
@@ -95,7 +96,7 @@ def main():
     for mode, timer in timers.items():
       rounds[mode].append(timer())
   decode = statistics.median(_decode_rate(args.workers) for _ in range(args.repeats))
-  result = {"preset": args.preset or "keras", "batch": config.batch_size,
+  result = {"preset": args.preset or "keras", "batch": config.input.batch_size,
             "device_img_s": statistics.median(rounds["device"]),
             "stream_img_s": statistics.median(rounds["stream"]),
             "stream_over_device": statistics.median(

@@ -121,8 +121,39 @@ def _free_depthwise_and_norm():
 def measure(args, layout, impl, peer=None):
   """One configuration's row; `peer`: a timer (`peer_timer`) run in every round, or None."""
   config = cifar.get_config(PRESETS[layout])
-  config.update(batch_size=args.batch, parallel=args.parallel)
+  config.input.batch_size, config.parallel = args.batch, args.parallel
   config.model.update(alpha=args.alpha, dtype=args.dtype, conv=impl)
+  config.eval.chunk = args.inference_chunk
+  row = {"impl": "jax", "layout": layout, "conv": convolutions.resolve(impl),
+         "stem_stride": config.model.stem_stride, "batch": args.batch, "alpha": args.alpha,
+         "dtype": args.dtype, "parallel": args.parallel, "backend": jax.default_backend(),
+         "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
+         "macs": summary.summarize(models.create_model(config.model), config.input.image_size).macs,
+         "inference_chunk": inference.inference_chunk(config)}
+  if args.free_depthwise:
+    row["conv"] += " (free depthwise)"
+  if args.free_depthwise_and_norm:
+    row["conv"] += " (free depthwise and BN)"
+  timers, row["compile_s"] = _timers(args, config)
+  with jax.transfer_guard_host_to_device("disallow"):
+    for timer in timers:  # Warm-up: compilation, and the first calls' allocations.
+      timer()
+    rates = _rounds(timers + ([peer] if peer else []), args.repeats)
+  row.update({name: statistics.median(r) for name, r in rates.items()})
+  row["loop_vs_step"] = _median_ratio(rates["train_loop_img_s"], rates["train_step_img_s"])
+  row["train_tflops"] = row["train_step_img_s"] * row["macs"] * 6 / 1e12
+  row["infer_tflops"] = row["infer_img_s"] * row["macs"] * 2 / 1e12
+  if peer:
+    row.update(torch=peer.torch, peer_threads=peer.threads)
+    best_infer = [max(r) for r in zip(*(rates[k] for k in PEER_INFER if k in rates))]
+    row["train_ratio"] = _median_ratio(rates["train_step_img_s"], rates["peer_train_img_s"])
+    row["infer_ratio"] = _median_ratio(rates["infer_img_s"], best_infer)
+  return row
+
+
+def _timers(args, config):
+  """The bare train step, the training loop's step and inference, as timers; and the train
+  step's compile time in seconds."""
   num_train = args.batch * 20
   rng = np.random.default_rng(0)
   split = input_pipeline.Split(rng.integers(0, 256, (num_train, 32, 32, 3), np.uint8),
@@ -130,22 +161,13 @@ def measure(args, layout, impl, peer=None):
   runner = parallel.create_runner(config, num_train)
   model = models.create_model(config.model, axis_name=runner.axis_name)
   initial = steps.create_train_state(model, steps.create_optimizer(config, runner.steps_per_epoch),
-                                     jax.random.key(0), config.image_size)
+                                     jax.random.key(0), config.input.image_size)
   state = runner.put_state(initial)
-  row = {"impl": "jax", "layout": layout, "conv": convolutions.resolve(impl),
-         "stem_stride": config.model.stem_stride, "batch": args.batch, "alpha": args.alpha,
-         "dtype": args.dtype, "parallel": args.parallel, "backend": jax.default_backend(),
-         "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
-         "macs": summary.summarize(models.create_model(config.model), config.image_size).macs}
-  if args.free_depthwise:
-    row["conv"] += " (free depthwise)"
-  if args.free_depthwise_and_norm:
-    row["conv"] += " (free depthwise and BN)"
 
   # The bare train step on one fixed device batch, with its augmentation draws made once.
   batch = {"image": jnp.asarray(split.images[:args.batch]),
            "label": jnp.asarray(split.labels[:args.batch]),
-           **sampler.augmentation_draws(jax.random.key(2), args.batch, config.crop_padding)}
+           **sampler.augmentation_draws(jax.random.key(2), args.batch, config.augment.crop_padding)}
   step = jax.jit(lambda s, b, r: steps.train_step(s, b, r, config), donate_argnums=0)
   # One device's state, its BatchNorm unbound from pmap's axis (the step is jitted alone).
   step_state = {"state": jax.tree.map(jnp.copy, initial).replace(
@@ -154,7 +176,7 @@ def measure(args, layout, impl, peer=None):
   start = time.perf_counter()
   step_state["state"], m = step(step_state["state"], batch, key)
   jax.block_until_ready(m)
-  row["compile_s"] = round(time.perf_counter() - start, 1)
+  compile_s = round(time.perf_counter() - start, 1)
   def train_step():
     step_state["state"], metrics = step(step_state["state"], batch, key)
     return metrics
@@ -171,29 +193,12 @@ def measure(args, layout, impl, peer=None):
   # on a copy of the initial variables (the loop donates `state` when it first runs).
   variables = jax.device_put({"params": initial.params, "batch_stats": initial.batch_stats})
   infer_model = models.create_model(config.model)
-  config.inference_chunk = args.inference_chunk
-  row["inference_chunk"] = inference.inference_chunk(config)
   infer = jax.jit(lambda v, x: inference.eval_logits(infer_model.apply, v, x, config,
                                                      inference.Views()))
-  infer_step = lambda: infer(variables, batch["image"])
-
-  timers = [_timer("train_step_img_s", train_step, args.batch, args.steps),
-            _timer("train_loop_img_s", loop_step, args.batch, args.steps),
-            _timer("infer_img_s", infer_step, args.batch, args.steps * 4)]
-  with jax.transfer_guard_host_to_device("disallow"):
-    for timer in timers:  # Warm-up: compilation, and the first calls' allocations.
-      timer()
-    rates = _rounds(timers + ([peer] if peer else []), args.repeats)
-  row.update({name: statistics.median(r) for name, r in rates.items()})
-  row["loop_vs_step"] = _median_ratio(rates["train_loop_img_s"], rates["train_step_img_s"])
-  row["train_tflops"] = row["train_step_img_s"] * row["macs"] * 6 / 1e12
-  row["infer_tflops"] = row["infer_img_s"] * row["macs"] * 2 / 1e12
-  if peer:
-    row.update(torch=peer.torch, peer_threads=peer.threads)
-    best_infer = [max(r) for r in zip(*(rates[k] for k in PEER_INFER if k in rates))]
-    row["train_ratio"] = _median_ratio(rates["train_step_img_s"], rates["peer_train_img_s"])
-    row["infer_ratio"] = _median_ratio(rates["infer_img_s"], best_infer)
-  return row
+  return [_timer("train_step_img_s", train_step, args.batch, args.steps),
+          _timer("train_loop_img_s", loop_step, args.batch, args.steps),
+          _timer("infer_img_s", lambda: infer(variables, batch["image"]), args.batch,
+                 args.steps * 4)], compile_s
 
 
 def run_peer(layout, batch, alpha, dtype, steps, modes, *extra, timeout=None) -> dict:

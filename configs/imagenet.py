@@ -5,12 +5,12 @@ r"""MobileNetV1 at ImageNet's 224x224 in the layouts of the public pretrained ch
   python -m mobilenet_jax.convert --format=timm --file=model.safetensors \
       --workdir=workdirs/timm                           # the config: configs/imagenet.py:timm
   python run.py --config=configs/imagenet.py:keras,cifar10 --config.model.alpha=0.25 \
-      --config.image_size=128 --config.init_from=workdirs/keras_0.25_128 --workdir=...
+      --config.input.image_size=128 --config.init_from=workdirs/keras_0.25_128 --workdir=...
 
 Presets (`:keras` or `:timm`, optionally `,cifar10`):
 - keras: Keras applications' `MobileNet` (70.4% top-1 at 1.0-224 by keras.io): ReLU6, TensorFlow
   padding, Keras' BatchNorm, dropout 1e-3 before the head; `alpha` 0.25/0.5/0.75/1.0 and
-  `image_size` 128/160/192/224 select one of its 16 checkpoints.
+  `input.image_size` 128/160/192/224 select one of its 16 checkpoints.
 - timm: timm's `mobilenetv1_100` (75.4% top-1 at 224 by timm's results table): ReLU6,
   PyTorch's padding and BatchNorm.
 Both take pixels scaled to [-1, 1], and predict fits an image as both evaluate: its shorter side
@@ -20,19 +20,20 @@ resized to image_size / 0.875 (Keras: bilinear, timm: bicubic), then the centre 
 
 `:train` trains MobileNetV1 on ImageNet from scratch, streamed from a folder of JPEGs:
 
-  python run.py --config=configs/imagenet.py:train --config.dataset=folder:/data/imagenet \
+  python run.py --config=configs/imagenet.py:train --config.data.name=folder:/data/imagenet \
       --workdir=workdirs/imagenet_1.0_224        # on each host of a multi-host run, with
-      # --config.distributed=True (README, Multi-host); alpha and resolution as flags:
-      # --config.model.alpha=0.5 --config.image_size=160
+      # --config.distributed.enabled=True (README, Multi-host); alpha and resolution as flags:
+      # --config.model.alpha=0.5 --config.input.image_size=160
 
 The recipe is TF-slim's `nets/mobilenet_v1_train.py` (tensorflow/models), the MobileNetV1
 authors' published training script: plain SGD at 0.045 for 64 images, decayed by 0.94 every
 2.5 epochs (staircase), L2 weight decay 4e-5 on all but the depthwise kernels, BatchNorm decay
 0.9997 and epsilon 1e-3, dropout 1e-3 before the head, ReLU6 and TensorFlow's padding, pixels
 scaled to [-1, 1]. Adapted: 64 images per process with the rate scaled linearly to the global
-batch (`lr_batch`; Goyal et al., 2017), 100 epochs (slim sets no end), He-normal kernels
-(slim: truncated normal, stddev 0.09), and Inception's random-resized crop and flip without
-its colour distortion; evaluation resizes the shorter side to 256 and takes the centre 224.
+batch (`schedule.reference_batch`; Goyal et al., 2017), 100 epochs (slim sets no end),
+He-normal kernels (slim: truncated normal, stddev 0.09), and Inception's random-resized crop and
+flip without its colour distortion; evaluation resizes the shorter side to 256 and takes the
+centre 224.
 The paper reports 70.6% top-1 for 1.0-224; this preset has not been run to the end here.
 
 ImageNet must be downloaded by hand (its licence needs an account):
@@ -44,60 +45,93 @@ ImageNet must be downloaded by hand (its licence needs an account):
 3. cd /data/imagenet/val; tar xf ILSVRC2012_img_val.tar, then sort the 50,000 images into the
    same 1000 class folders with the widely used script
    https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh
-4. Pass --config.dataset=folder:/data/imagenet (every host reads the same path, e.g. NFS).
+4. Pass --config.data.name=folder:/data/imagenet (every host reads the same path, e.g. NFS).
 """
 import ml_collections
 
 from configs import cifar
 
-LAYOUTS = {
-    "keras": {"activation": "relu6", "padding": "same", "bn_momentum": 0.99, "bn_epsilon": 1e-3,
-              "dropout": 1e-3},
-    "timm": {"activation": "relu6", **cifar.PYTORCH_LAYOUT},
-}
 RESIZE = {"keras": "bilinear", "timm": "bicubic"}
 
 
 def get_config(preset: str = "keras") -> ml_collections.ConfigDict:
-  if preset == "train":
-    return _train_config()
-  layout, _, target = preset.partition(",")
-  if layout not in LAYOUTS or target not in ("", "cifar10"):
+  """`keras` or `timm`, optionally with `,cifar10`; or `train`."""
+  name, _, target = preset.partition(",")
+  if name not in PRESETS or target not in ("", "cifar10") or (name == "train" and target):
     raise ValueError(f"Unknown preset {preset!r} in configs/imagenet.py: use 'keras' or 'timm', "
                      "optionally followed by ',cifar10', or 'train'.")
-  c = cifar.get_config()
-  c.model.update(num_classes=1000, stem_stride=2, use_bias=False, **LAYOUTS[layout])
-  c.model.kernel_init = "he_normal" if layout == "keras" else "torch"
-  c.mean = c.std = (127.5, 127.5, 127.5)  # Pixels to [-1, 1].
-  c.image_size = 224
-  c.eval_crop = 0.875
-  c.eval_resize = RESIZE[layout]
-  c.dataset = "imagenet2012"
-  c.eval_split = "validation"
-  c.augment = "none"
-  if target == "cifar10":
-    c.dataset, c.eval_split, c.model.num_classes = "cifar10", "test", 10
-    c.augment = "crop+flip"
-    c.num_epochs, c.lr_boundaries, c.lr_values = 5, (3,), (0.001,)
-    c.learning_rate = 0.01
-    c.batch_size = 64
+  c = cifar.base()
+  PRESETS[name](c)
+  if target:
+    cifar10(c)
   return c
 
 
-def _train_config() -> ml_collections.ConfigDict:
-  """TF-slim's MobileNetV1 recipe on a streamed ImageNet folder (module docstring)."""
-  c = get_config("keras")
+def _imagenet(c: ml_collections.ConfigDict, layout: str) -> None:
+  """What both public layouts share: 1000 classes at 224, pixels to [-1, 1], no bias, and
+  evaluation's resize of the shorter side to 256 (with the layout's interpolation), centre 224."""
+  c.model.update(num_classes=1000, stem_stride=2, use_bias=False, activation="relu6")
+  c.input.update(image_size=224, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5))
+  c.eval.update(crop=0.875, resize=RESIZE[layout])
+  c.data.update(name="imagenet2012", eval_split="validation")
+  c.augment.name = "none"
+
+
+def keras(c: ml_collections.ConfigDict) -> None:
+  """Keras applications' `MobileNet` (70.4% top-1 at 1.0-224 by keras.io): TensorFlow padding,
+  Keras' BatchNorm and init, dropout 1e-3 before the head. Converted, not trained (any machine):
+
+    python -m mobilenet_jax.convert --format=keras_app --workdir=W   # config: imagenet.py:keras
+  """
+  _imagenet(c, "keras")
+  c.model.update(padding="same", bn_momentum=0.99, bn_epsilon=1e-3, dropout=1e-3,
+                 kernel_init="he_normal")
+
+
+def timm(c: ml_collections.ConfigDict) -> None:
+  """timm's `mobilenetv1_100` (75.4% top-1 at 224 by timm's results table): PyTorch's padding,
+  BatchNorm and init. Converted, not trained (any machine):
+
+    python -m mobilenet_jax.convert --format=timm --file=F --workdir=W   # imagenet.py:timm
+  """
+  _imagenet(c, "timm")
+  c.model.update(kernel_init="torch", **cifar.PYTORCH_LAYOUT)
+
+
+def cifar10(c: ml_collections.ConfigDict) -> None:
+  """`,cifar10`: fine-tunes the layout on CIFAR-10 from a converted workdir (`init_from`): 10
+  classes with a new head, CIFAR's translation and flip before the upscale, 5 epochs at 0.01
+  for 3 then 0.001, batch 64 (our choice; a GPU for 224 pixels, not yet run):
+
+    python run.py --config=configs/imagenet.py:keras,cifar10 --config.init_from=W --workdir=...
+  """
+  c.data.update(name="cifar10", eval_split="test")
+  c.model.num_classes = 10
+  c.augment.name = "crop+flip"
+  c.num_epochs = 5
+  c.schedule.update(learning_rate=0.01, boundaries=(3,), rates=(0.001,))
+  c.input.batch_size = 64
+
+
+def train(c: ml_collections.ConfigDict) -> None:
+  """TF-slim's MobileNetV1 recipe on a streamed ImageNet folder; the paper reports 70.6% top-1
+  (module docstring: the adaptations; GPUs or TPUs for days; not yet run to the end here).
+
+    python run.py --config=configs/imagenet.py:train --config.data.name=folder:D --workdir=...
+  """
+  keras(c)
   c.model.update(bn_momentum=0.9997, bn_epsilon=1e-3, dropout=1e-3)
-  c.dataset = "folder:~/imagenet"
-  c.input = "auto"  # Streams: the random-resized crop reads each file anew.
-  c.augment = "inception"
-  c.per_process_batch_size = 64
-  c.lr_batch = 64
-  c.momentum = 0.0  # Slim's GradientDescentOptimizer.
-  c.weight_decay = 4e-5
+  c.data.name = "folder:~/imagenet"
+  c.input.update(mode="auto", per_process_batch_size=64)  # auto streams: see augment.name.
+  c.augment.name = "inception"
+  c.schedule.reference_batch = 64
+  c.optim.momentum = 0.0  # Slim's GradientDescentOptimizer.
+  c.optim.weight_decay = 4e-5
   c.num_epochs = 100
-  c.learning_rate = 0.045
-  c.lr_boundaries = tuple(2.5 * k for k in range(1, 40))
-  c.lr_values = tuple(0.045 * 0.94 ** k for k in range(1, 40))
-  c.keep_checkpoints = 2
-  return c
+  c.schedule.learning_rate = 0.045
+  c.schedule.boundaries = tuple(2.5 * k for k in range(1, 40))
+  c.schedule.rates = tuple(0.045 * 0.94 ** k for k in range(1, 40))
+  c.checkpoint.keep = 2
+
+
+PRESETS = {"keras": keras, "timm": timm, "train": train}

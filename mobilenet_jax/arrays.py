@@ -1,19 +1,19 @@
-r"""Datasets of arrays (`config.dataset = "npz:PATH"`), and the command that writes them.
+r"""Datasets of arrays (`config.data.name = "npz:PATH"`), and the command that writes them.
 
 The arrays are those `keras.datasets.cifar10.load_data()` returns: `x_train` and `x_test`,
 uint8 images (n, h, w, 3) (or grayscale (n, h, w) / (n, h, w, 1), read as RGB), `y_train` and
 `y_test`, integer labels (n,) or (n, 1); optionally `label_names`, one string per class (else
-`config.class_names`, else the label numbers). PATH is one `.npz` file holding all of them, or a
-folder of chunk files `NAME-00000-of-00003.npz` ...: each holds consecutive rows of the training
-split, then of the test split, under the same keys, and the reader concatenates them in name
-order, after checking that every chunk is there.
+`config.data.class_names`, else the label numbers). PATH is one `.npz` file holding all of them,
+or a folder of chunk files `NAME-00000-of-00003.npz` ...: each holds consecutive rows of the
+training split, then of the test split, under the same keys, and the reader concatenates them in
+name order, after checking that every chunk is there.
 
 Reading needs numpy alone (no TensorFlow, no tfds), which is what a machine with an
 accelerator and little else needs; writing reads any dataset the trainer reads:
 
   python -m mobilenet_jax.arrays --config=configs/cifar.py \
-      --config.data_dir=../shared/tensorflow_datasets --out=data/cifar10 --chunk_mb=62
-  python run.py --config=configs/cifar.py --config.dataset=npz:data/cifar10 --workdir=...
+      --config.data.dir=../shared/tensorflow_datasets --out=data/cifar10 --chunk_mb=62
+  python run.py --config=configs/cifar.py --config.data.name=npz:data/cifar10 --workdir=...
 
 Chunks let a dataset larger than one transfer travel in several (CIFAR-10 is 184 MB as uint8:
 three chunks of 62 MB or less; benchmarks/device_check.py says how they reach a GPU machine).
@@ -21,9 +21,10 @@ three chunks of 62 MB or less; benchmarks/device_check.py says how they reach a 
 import glob
 import os
 import re
-import sys
 
 import numpy as np
+
+from mobilenet_jax import errors
 
 PREFIX = "npz:"
 SPLITS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
@@ -31,7 +32,7 @@ NAMES_KEY = "label_names"
 _CHUNK = re.compile(r".*-(\d{5})-of-(\d{5})\.npz$")
 
 
-class ArraysError(ValueError):
+class ArraysError(errors.UserError, ValueError):
   """An arrays dataset that cannot be used as one: run.py prints it as one line."""
 
 
@@ -40,7 +41,7 @@ def is_arrays(dataset: str) -> bool:
 
 
 def _path(config) -> str:
-  return os.path.expanduser(config.dataset[len(PREFIX):])
+  return os.path.expanduser(config.data.name[len(PREFIX):])
 
 
 def chunk_files(path: str) -> list[str]:
@@ -48,11 +49,11 @@ def chunk_files(path: str) -> list[str]:
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
-    raise ArraysError(f"config.dataset='npz:{path}': no such file or folder; write one with "
+    raise ArraysError(f"config.data.name='npz:{path}': no such file or folder; write one with "
                       "`python -m mobilenet_jax.arrays --out=PATH` (its docstring says how).")
   files = sorted(glob.glob(os.path.join(path, "*.npz")))
   if not files:
-    raise ArraysError(f"config.dataset='npz:{path}': the folder holds no .npz files.")
+    raise ArraysError(f"config.data.name='npz:{path}': the folder holds no .npz files.")
   counts = {m.group(2) for m in map(_CHUNK.match, files) if m}
   if counts:
     expected = int(counts.pop())
@@ -110,22 +111,22 @@ def _names(files, chunks, config) -> tuple[str, ...]:
     raise ArraysError(f"{os.path.dirname(files[0])}: the chunks' {NAMES_KEY} differ.")
   if found:
     return found.pop()
-  if config.get("class_names"):
-    return tuple(config.class_names)
+  if config.data.class_names:
+    return tuple(config.data.class_names)
   return tuple(str(i) for i in range(config.model.num_classes))
 
 
 def load(config):
-  """(train, test, class names) of `config.dataset`, each split an `input_pipeline.Split` of
-  its first `config.train_examples` / `eval_examples` rows."""
+  """(train, test, class names) of `config.data.name`, each split an `input_pipeline.Split` of
+  its first `config.data.train_examples` / `eval_examples` rows."""
   from mobilenet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   files = chunk_files(_path(config))
   chunks = [_read_chunk(f) for f in files]
   names = _names(files, chunks, config)
   splits = []
   for split, (x_key, y_key), limit in zip(SPLITS, SPLITS.values(),
-                                          (config.get("train_examples"),
-                                           config.get("eval_examples"))):
+                                          (config.data.train_examples,
+                                           config.data.eval_examples)):
     parts = [c for c in chunks if x_key in c]
     if not parts:
       raise ArraysError(f"{_path(config)}: no {x_key} and {y_key} (the {split} split) in "
@@ -141,7 +142,7 @@ def load(config):
       file = next(f for f, c in zip(files, chunks) if y_key in c and bad in c[y_key])
       raise ArraysError(f"{file}: {y_key} holds label {bad}, outside [0, {len(names)}) for the "
                         f"{len(names)} classes ({NAMES_KEY} in the file, else "
-                        "config.class_names, else config.model.num_classes).")
+                        "config.data.class_names, else config.model.num_classes).")
     splits.append(input_pipeline.Split(images, labels))
   return splits[0], splits[1], names
 
@@ -180,27 +181,27 @@ def write(data, out: str, chunk_bytes: int | None = None) -> list[str]:
 def main(argv):
   """`python -m mobilenet_jax.arrays --config=... --out=PATH [--chunk_mb=N]`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import datasets  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import config_lib, datasets  # pylint: disable=g-import-not-at-top
   del argv
-  config = flags.FLAGS.config
-  config.input = "device"  # Image files are read whole and fitted to config.image_size.
   try:
+    config = config_lib.from_flags()
+    config.input.mode = "device"  # Image files are read whole, fitted to input.image_size.
     data, _ = datasets.load(config)
-  except (ValueError, RuntimeError, FileNotFoundError) as e:  # The dataset's own one-line errors.
-    sys.exit(f"error: {e}")
+  except errors.UserError as e:
+    config_lib.fail(e)
   chunk = flags.FLAGS.chunk_mb
   files = write(data, flags.FLAGS.out, int(chunk * 1e6) if chunk else None)
-  print(f"{config.dataset}: {len(data.train)} training and {len(data.test)} test images, "
+  print(f"{config.data.name}: {len(data.train)} training and {len(data.test)} test images, "
         f"{len(data.label_names)} classes -> {len(files)} file(s): "
         f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")
 
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "The dataset's config, e.g. configs/cifar.py "
-                                  "(its dataset, data_dir, splits, example limits, image_size).")
+  from mobilenet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("config", None, "The dataset's config, e.g. configs/cifar.py (its data "
+                      "group and input.image_size); --config.FIELD=VALUE overrides a field.")
   flags.DEFINE_string("out", None, "A file (NAME.npz) or, with --chunk_mb, a folder of chunks.")
   flags.DEFINE_float("chunk_mb", None, "Most megabytes (1e6 bytes) of images per chunk file.")
   flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

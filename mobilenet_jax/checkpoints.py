@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the TrainState in `workdir/checkpoints`, with automatic resume."""
+"""Orbax checkpoints of the TrainState in a folder (`workdirs.checkpoint_dir`), with automatic
+resume."""
 import os
 import sys
 
@@ -10,14 +11,14 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mobilenet_jax import models, multihost, steps
+from mobilenet_jax import errors, models, multihost, steps
 
 
-class MismatchedCheckpointError(ValueError):
+class MismatchedCheckpointError(errors.UserError, ValueError):
   """A readable checkpoint of another model or optimizer: the config is wrong, not the files."""
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(errors.UserError, RuntimeError):
   """A checkpoint's files cannot be read."""
 
 
@@ -44,8 +45,8 @@ def _silence_abandoned_reads() -> None:
 class Checkpointer:
   """Saves host copies of the state; restores the latest one into a template state."""
 
-  def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
     _silence_abandoned_reads()
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -151,19 +152,4 @@ def state_template(config):
   schedule's steps per epoch."""
   return steps.create_train_state(models.create_model(config.model),
                                   steps.create_optimizer(config, 1), jax.random.key(0),
-                                  config.image_size)
-
-
-def restore_trained(workdir: str, config):
-  """The latest TrainState of a trained workdir, for evaluation and inference (none: an error)."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it.
-    raise FileNotFoundError(f"No checkpoints/ in {workdir}: train first with "
-                            f"`.venv/bin/python run.py --config=... --workdir={workdir}`.")
-  checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-  try:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first with "
-                              f"`.venv/bin/python run.py --config=... --workdir={workdir}`.")
-    return checkpointer.restore(state_template(config))
-  finally:
-    checkpointer.close()
+                                  config.input.image_size)

@@ -29,15 +29,13 @@ label names) that `predict`, `export`, `--config.mode=eval` and `init_from` read
   python -m mobilenet_jax.convert --format=torch --file=ckpt.pth --workdir=workdirs/from_torch
   python -m mobilenet_jax.convert --format=timm --workdir=workdirs/timm --out=back.safetensors
 """
-import importlib
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 import numpy as np
 
-from mobilenet_jax import models
+from mobilenet_jax import config_lib, errors, models, sampler
 
 _BN_FLAX = ("scale", "bias", "mean", "var")
 _BN_TORCH = ("weight", "bias", "running_mean", "running_var")
@@ -78,13 +76,15 @@ def _assemble(template, tensors):
         out[key] = fill(value, path + "/")
         continue
       if path not in tensors:
-        raise ValueError(f"The checkpoint has no tensor for {path} (expected shape "
-                         f"{tuple(np.shape(value))}): it holds another model or layout.")
+        raise errors.FileError(
+            f"The checkpoint has no tensor for {path} (expected shape "
+            f"{tuple(np.shape(value))}): it holds another model or layout.")
       array = np.asarray(tensors.pop(path), np.float32)
       if array.shape != tuple(np.shape(value)):
-        raise ValueError(f"{path}: the checkpoint's tensor has shape {array.shape}, the configured "
-                         f"model expects {tuple(np.shape(value))}: check config.model.alpha, "
-                         "num_classes, shallow and use_bias against the file.")
+        raise errors.FileError(
+            f"{path}: the checkpoint's tensor has shape {array.shape}, the configured "
+            f"model expects {tuple(np.shape(value))}: check config.model.alpha, "
+            "num_classes, shallow and use_bias against the file.")
       out[key] = array
     return out
   return {"params": fill(template["params"], "params/"),
@@ -95,10 +95,11 @@ def _flax_tensors(template, kernels, norms, biases, head):
   """Flat {path: array} for `_assemble` from per-layer lists in forward order."""
   convs = layer_names(template)[:-1]
   if len(kernels) != len(convs) or len(norms) != len(convs):
-    raise ValueError(f"The checkpoint has {len(kernels)} convolutions and {len(norms)} "
-                     f"BatchNorms; the configured model has {len(convs)} of each (another "
-                     "architecture, or depth: check config.model.shallow)"
-                     f"{_first_difference(template, convs, kernels)}.")
+    raise errors.FileError(
+        f"The checkpoint has {len(kernels)} convolutions and {len(norms)} "
+        f"BatchNorms; the configured model has {len(convs)} of each (another "
+        "architecture, or depth: check config.model.shallow)"
+        f"{_first_difference(template, convs, kernels)}.")
   tensors = {"params/head/kernel": head[0], "params/head/bias": head[1]}
   for name, kernel, norm, bias in zip(convs, kernels, norms, biases):
     tensors[f"params/{name}/conv/kernel"] = kernel
@@ -127,8 +128,9 @@ def _finish(template, tensors, headless=False):
   variables = _assemble(template, tensors)
   if tensors:
     first = sorted(tensors)[0]
-    raise ValueError(f"The checkpoint has a tensor the configured model lacks: {first} "
-                     f"(shape {np.shape(tensors[first])}): check config.model.use_bias.")
+    raise errors.FileError(
+        f"The checkpoint has a tensor the configured model lacks: {first} "
+        f"(shape {np.shape(tensors[first])}): check config.model.use_bias.")
   return variables
 
 
@@ -153,7 +155,8 @@ def from_torch(state_dict, template) -> dict:
     elif leaf == "weight" and value.ndim == 2:
       head = (value.T, state_dict.get(f"{prefix}.bias"))
   if head is None:
-    raise ValueError("The state_dict has no 2-D linear weight: it is not a MobileNetV1 classifier.")
+    raise errors.FileError(
+        "The state_dict has no 2-D linear weight: it is not a MobileNetV1 classifier.")
   return _finish(template, _flax_tensors(template, kernels, norms, biases, head))
 
 
@@ -168,7 +171,8 @@ def _module_names(layers, naming: str) -> list[str]:
       names += [f"layers.{i}.conv1", f"layers.{i}.bn1", f"layers.{i}.conv2", f"layers.{i}.bn2"]
     return [*names, "linear"]
   if len(blocks) != len(models.BLOCKS):
-    raise ValueError("timm's MobileNetV1 has all 13 blocks: config.model.shallow must be False.")
+    raise errors.FileError(
+        "timm's MobileNetV1 has all 13 blocks: config.model.shallow must be False.")
   names, stage, index = ["conv_stem", "bn1"], 0, 0
   for i, (_, strides) in enumerate(models.BLOCKS):
     stage, index = (stage + 1, 0) if strides == 2 else (stage, index + (i > 0))
@@ -294,7 +298,8 @@ def keras_reference(config):
   width = lambda c: max(1, int(c * m.alpha))
   norm = lambda: layers.BatchNormalization(momentum=m.bn_momentum, epsilon=m.bn_epsilon)
   relu = lambda: layers.ReLU(6.0 if m.activation == "relu6" else None)
-  inputs = keras.Input((config.image_size, config.image_size, 3))
+  size = config.input.image_size
+  inputs = keras.Input((size, size, 3))
   x = layers.Conv2D(width(32), 3, strides=m.stem_stride, padding="same", use_bias=m.use_bias)(inputs)
   x = relu()(norm()(x))
   for i, (features, strides) in enumerate(models.BLOCKS):
@@ -318,14 +323,16 @@ def keras_app(alpha: float, image_size: int, include_top: bool = True, weights=N
         weights=weights, classes=classes, classifier_activation=None)
   except Exception as e:  # pylint: disable=broad-except
     if weights == "imagenet" and not isinstance(e, ValueError):  # get_file's bare Exception.
-      raise OSError(f"Keras could not download the checkpoint ({_first_line(e)}): download "
-                    "mobilenet_ALPHA_SIZE_tf[_no_top].h5 elsewhere and pass it as --file.") from e
+      raise errors.FileError(
+          f"Keras could not download the checkpoint ({_first_line(e)}): download "
+          "mobilenet_ALPHA_SIZE_tf[_no_top].h5 elsewhere and pass it as --file.") from e
     if not isinstance(e, ValueError):
       raise
     what = f"alpha={alpha}, image_size={image_size}, include_top={include_top}"
-    raise ValueError(f"{weights}: not Keras applications' MobileNet at {what} (Keras: "
-                     f"{_first_line(e)}). Pass the --alpha, --image_size and --include_top of "
-                     "the file (mobilenet_ALPHA_SIZE_tf[_no_top].h5).") from e
+    raise errors.FileError(
+        f"{weights}: not Keras applications' MobileNet at {what} (Keras: "
+        f"{_first_line(e)}). Pass the --alpha, --image_size and --include_top of "
+        "the file (mobilenet_ALPHA_SIZE_tf[_no_top].h5).") from e
 
 
 def _first_line(error) -> str:
@@ -363,26 +370,26 @@ def template_variables(config) -> dict:
   """Host arrays {'params', 'batch_stats'} of the configured model, for the from_* functions."""
   import jax  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model)
-  return jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(config.seed),
-                                                        config.image_size))
+  return jax.tree.map(np.asarray, models.init_variables(model, sampler.init_key(config.seed),
+                                                        config.input.image_size))
 
 
 def write_workdir(config, variables, workdir: str, label_names) -> None:
   """A step-0 checkpoint of `variables` with config.json and label names, as run.py leaves them."""
   import jax  # pylint: disable=g-import-not-at-top
   from mobilenet_jax import checkpoints, workdirs  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
-    raise ValueError(f"--workdir={workdir} already holds checkpoints: pass a new folder.")
+  if os.path.exists(workdirs.checkpoint_dir(workdir)):
+    raise errors.ConfigError(f"--workdir={workdir} already holds checkpoints: pass a new folder.")
   state = checkpoints.state_template(config).replace(params=variables["params"],
                                                      batch_stats=variables["batch_stats"])
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
+  checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(workdir),
+                                         config.checkpoint.keep)
   try:
     checkpointer.save(jax.device_get(state))
   finally:
     checkpointer.close()
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdirs.write_config(workdir, config)
   workdirs.save_label_names(workdir, label_names)
 
 
@@ -396,7 +403,7 @@ def read(fmt: str, file, config, include_top: bool = True) -> tuple[dict, bool]:
     import keras  # pylint: disable=g-import-not-at-top
     model = keras.models.load_model(file, compile=False)
   else:
-    model = keras_app(config.model.alpha, config.image_size, include_top, file or "imagenet",
+    model = keras_app(config.model.alpha, config.input.image_size, include_top, file or "imagenet",
                       classes=config.model.num_classes)
   return from_keras(model, template)
 
@@ -408,7 +415,7 @@ def write(fmt: str, variables, config, out: str) -> None:
     write_state_dict(to_torch(variables, fmt), out)
     return
   model = (keras_reference(config) if fmt == "keras" else
-           keras_app(config.model.alpha, config.image_size, classes=config.model.num_classes))
+           keras_app(config.model.alpha, config.input.image_size, classes=config.model.num_classes))
   to_keras(variables, model)
   model.save(out)
 
@@ -417,12 +424,6 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # JAX logs its backend search, orbax each save, at INFO.
   f = flags.FLAGS
-  config = f.config
-  if config is None:
-    name, _, preset = DEFAULT_CONFIGS[f.format].partition(":")
-    config = importlib.import_module(name[:-3].replace("/", ".")).get_config(preset)
-  if f.format == "keras_app":
-    config.model.alpha, config.image_size = f.alpha, f.image_size
   try:
     if f.out:
       from mobilenet_jax import workdirs  # pylint: disable=g-import-not-at-top
@@ -430,15 +431,21 @@ def main(argv):
       write(f.format, trained.variables, trained.config, f.out)
       print(f"Wrote {f.out} from {f.workdir}.", flush=True)
       return 0
+    config = config_lib.override(config_lib.load(f.config or DEFAULT_CONFIGS[f.format]),
+                                 config_lib.command_line_overrides())
+    if f.format == "keras_app":
+      config.model.alpha, config.input.image_size = f.alpha, f.image_size
     if not f.file and f.format != "keras_app":
-      raise ValueError(f"--format={f.format} reads --file: pass the checkpoint file.")
+      raise errors.ConfigError(f"--format={f.format} reads --file: pass the checkpoint file.")
+    if f.file and not os.path.isfile(f.file):
+      raise errors.FileError(f"--file={f.file}: no such file.")
     variables, has_head = read(f.format, f.file, config, f.include_top)
     if not has_head:
       print(f"{f.file or 'The download'} has no top: the head ({config.model.num_classes} "
             "classes) is initialized at random, for fine-tuning.", flush=True)
     write_workdir(config, variables, f.workdir,
                   default_labels(f.format, config.model.num_classes))
-  except (ValueError, OSError) as e:  # FileNotFoundError too.
+  except errors.UserError as e:
     print(f"error: {_first_line(e)}", file=sys.stderr)
     return 1
   print(f"Wrote {f.workdir}: `python -m mobilenet_jax.predict --workdir={f.workdir} IMAGE` "
@@ -447,8 +454,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "The layout's config; default: the format's "
-                                  f"own ({DEFAULT_CONFIGS}).")
+  flags.DEFINE_string("config", None, "The layout's config file and preset, --config.FIELD=VALUE "
+                      f"overriding a field; default: the format's own ({DEFAULT_CONFIGS}).")
   flags.DEFINE_enum("format", None, list(DEFAULT_CONFIGS), "The checkpoint's format.",
                     required=True)
   flags.DEFINE_string("file", None, "The checkpoint file to read (keras_app: omit to download).")
@@ -458,4 +465,4 @@ if __name__ == "__main__":
   flags.DEFINE_float("alpha", 1.0, "keras_app: the width multiplier (0.25, 0.5, 0.75, 1.0).")
   flags.DEFINE_integer("image_size", 224, "keras_app: the input size (128, 160, 192, 224).")
   flags.DEFINE_bool("include_top", True, "keras_app: whether the file has the 1000-class head.")
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

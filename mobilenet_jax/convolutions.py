@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mobilenet_jax import errors
+
 IMPLEMENTATIONS = ("auto", "lax", "shifted")
 
 
@@ -170,7 +172,7 @@ depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 def resolve(impl: str, backend: str | None = None) -> str:
   """Maps `auto` to the fast implementation for the backend: `shifted` on CPU, else `lax`."""
   if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"config.model.conv={impl!r}: expected one of {IMPLEMENTATIONS}.")
+    raise errors.ConfigError(f"config.model.conv={impl!r}: expected one of {IMPLEMENTATIONS}.")
   if impl == "auto":
     return "shifted" if (backend or jax.default_backend()) == "cpu" else "lax"
   return impl

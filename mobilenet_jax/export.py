@@ -19,7 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mobilenet_jax import input_pipeline, models, workdirs  # pylint: disable=g-import-not-at-top
+# pylint: disable-next=g-import-not-at-top
+from mobilenet_jax import errors, input_pipeline, models, workdirs
 
 FORMATS = ("tflite", "savedmodel")
 
@@ -50,12 +51,13 @@ def to_tflite(fn, calibration_images=None) -> bytes:
 def export(workdir: str, fmt: str, out: str, quantize: str = "none",
            calibration_examples: int = 200) -> str:
   if fmt not in FORMATS:
-    raise ValueError(f"--format={fmt}: expected one of {FORMATS}.")
+    raise errors.ConfigError(f"--format={fmt}: expected one of {FORMATS}.")
   if quantize != "none" and fmt != "tflite":
-    raise ValueError("--quantize=int8 applies to --format=tflite only.")
+    raise errors.ConfigError("--quantize=int8 applies to --format=tflite only.")
   trained = workdirs.load(workdir)
   c = trained.config
-  fn = tf_function(c.model, trained.variables, c.image_size, tuple(c.mean), tuple(c.std))
+  fn = tf_function(c.model, trained.variables, c.input.image_size, tuple(c.input.mean),
+                   tuple(c.input.std))
   if fmt == "savedmodel":
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     module = tf.Module()
@@ -65,9 +67,9 @@ def export(workdir: str, fmt: str, out: str, quantize: str = "none",
   calibration = None
   if quantize == "int8":
     calibration_config = c.copy_and_resolve_references()
-    calibration_config.train_examples = calibration_examples
+    calibration_config.data.train_examples = calibration_examples
     images = input_pipeline.load(calibration_config).train.images
-    calibration = np.asarray(input_pipeline.resize(images.astype(np.float32), c.image_size))
+    calibration = np.asarray(input_pipeline.resize(images.astype(np.float32), c.input.image_size))
   with open(out, "wb") as f:
     f.write(to_tflite(fn, calibration))
   return out
@@ -79,7 +81,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     path = export(f.workdir, f.format, f.out, f.quantize, f.calibration_examples)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {path}")

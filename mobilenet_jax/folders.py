@@ -1,8 +1,8 @@
-"""Image folders as datasets (`config.dataset = "folder:PATH"`): one subfolder per class.
+"""Image folders as datasets (`config.data.name = "folder:PATH"`): one subfolder per class.
 
 PATH holds either class subfolders directly or `train/` beside one of `test/`, `val/` or
 `validation/`, each with the same class subfolders (ImageNet's layout); without an
-evaluation folder a share of each class (`config.folder_holdout`) becomes the test split.
+evaluation folder a share of each class (`config.data.folder_holdout`) becomes the test split.
 Class names are the subfolder names, sorted. Images are read lazily, one file per example,
 so a folder larger than memory streams (`streaming.py`); the device pipeline reads it all once.
 """
@@ -11,12 +11,13 @@ import os
 
 import numpy as np
 
+from mobilenet_jax import errors, images
+
 PREFIX = "folder:"
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EVAL_FOLDERS = ("test", "val", "validation")
 
 
-class FolderError(ValueError):
+class FolderError(errors.UserError, ValueError):
   """A folder dataset that cannot be used as one: run.py prints it as one line."""
 
 
@@ -31,13 +32,11 @@ class FileSource:
     return len(self.paths)
 
   def read(self, i: int) -> np.ndarray:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     try:
-      with Image.open(self.paths[i]) as image:
-        return np.asarray(image.convert("RGB"), np.uint8)
-    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError.
-      raise FolderError(f"{self.paths[i]}: not a readable image ({e}). Remove or replace the "
-                        "file and rerun: training resumes from its last checkpoint.") from e
+      return images.read(self.paths[i])
+    except errors.FileError as e:
+      raise FolderError(f"{e} Remove or replace the file and rerun: training resumes from its "
+                        "last checkpoint.") from e
 
 
 def is_folder(dataset: str) -> bool:
@@ -45,7 +44,7 @@ def is_folder(dataset: str) -> bool:
 
 
 def _root(config) -> str:
-  return os.path.expanduser(config.dataset[len(PREFIX):])
+  return os.path.expanduser(config.data.name[len(PREFIX):])
 
 
 def _classes(folder: str) -> list[str]:
@@ -54,7 +53,7 @@ def _classes(folder: str) -> list[str]:
 
 def _images(folder: str) -> list[str]:
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if f.lower().endswith(EXTENSIONS))
+                if f.lower().endswith(images.EXTENSIONS))
 
 
 def _listing(folder: str, classes: list[str]) -> FileSource:
@@ -83,14 +82,14 @@ def _holdout(split: FileSource, fraction: float, seed: int = 0):
 
 
 def load(config):
-  """(train, test, class names) of `config.dataset`'s folder, or a FolderError saying what
+  """(train, test, class names) of `config.data.name`'s folder, or a FolderError saying what
   is missing."""
   root = _root(config)
-  hint = ("point --config.dataset=folder:PATH at a folder with one subfolder of images per "
+  hint = ("point --config.data.name=folder:PATH at a folder with one subfolder of images per "
           "class (or train/ and val/ folders of those); ImageNet's download and layout steps are "
           "in configs/imagenet.py")
   if not os.path.isdir(root):
-    raise FolderError(f"config.dataset={config.dataset!r}: {root} is not a folder: {hint}.")
+    raise FolderError(f"config.data.name={config.data.name!r}: {root} is not a folder: {hint}.")
   evals = [d for d in EVAL_FOLDERS if os.path.isdir(os.path.join(root, d))]
   train_dir = os.path.join(root, "train")
   if not os.path.isdir(train_dir):
@@ -100,17 +99,17 @@ def load(config):
     train = _listing(train_dir, classes)
     test = _listing(os.path.join(root, evals[0]), classes)
   else:
-    if not 0 < config.folder_holdout < 1:
-      raise FolderError(f"config.folder_holdout={config.folder_holdout}: {root} has no "
+    if not 0 < config.data.folder_holdout < 1:
+      raise FolderError(f"config.data.folder_holdout={config.data.folder_holdout}: {root} has no "
                         f"{'/'.join(EVAL_FOLDERS)} folder, so a share in (0, 1) of each class "
                         "is held out for evaluation (e.g. 0.1).")
-    train, test = _holdout(_listing(train_dir, classes), config.folder_holdout)
+    train, test = _holdout(_listing(train_dir, classes), config.data.folder_holdout)
   if len(classes) < 2:
-    raise FolderError(f"config.dataset={config.dataset!r}: {len(classes)} class subfolder(s) in "
-                      f"{root} ({', '.join(classes) or 'none'}); a classifier needs at least 2: "
-                      f"{hint}.")
+    raise FolderError(f"config.data.name={config.data.name!r}: {len(classes)} class "
+                      f"subfolder(s) in {root} ({', '.join(classes) or 'none'}); a classifier "
+                      f"needs at least 2: {hint}.")
   for name, split in (("training", train), ("test", test)):
     if not len(split):
-      raise FolderError(f"config.dataset={config.dataset!r}: no {name} images "
-                        f"({', '.join(EXTENSIONS)}) in the class subfolders of {root}: {hint}.")
+      raise FolderError(f"config.data.name={config.data.name!r}: no {name} images "
+                        f"({', '.join(images.EXTENSIONS)}) in the class subfolders of {root}: {hint}.")
   return train, test, tuple(classes)

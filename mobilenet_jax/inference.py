@@ -1,12 +1,11 @@
-"""The model at inference time, as evaluation and `predict` run it: test-time views, CPU
-sub-batches, and images of any size fitted to the model's input."""
+"""The model at inference time, as evaluation and `predict` run it: test-time views and CPU
+sub-batches (images of any size are fitted to its input by `images.py`)."""
 import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mobilenet_jax import input_pipeline, models
+from mobilenet_jax import errors, input_pipeline, models
 
 # Inference sub-batches on CPU (evaluation, predict): as many images as keep the largest
 # activation within 8 MiB, so that each layer's input and output stay in the L3 cache (32 MiB
@@ -27,29 +26,32 @@ class Views:
 
   @classmethod
   def of(cls, config, shift: bool = True) -> "Views":
-    """`config.eval_flip` and `config.eval_shift`; with `shift=False` no translations (the
+    """`config.eval.flip` and `config.eval.shift`; with `shift=False` no translations (the
     per-epoch evaluations, which they would make 9x as costly)."""
-    return cls(bool(config.eval_flip), int(config.eval_shift) if shift else 0)
+    return cls(bool(config.eval.flip), int(config.eval.shift) if shift else 0)
 
 
 def check_config(config) -> None:
-  if not 0 <= config.eval_shift < config.image_size:
-    raise ValueError(f"config.eval_shift={config.eval_shift}: test-time translations need a "
-                     f"number of pixels in [0, image_size={config.image_size}); 0 turns them off.")
-  if config.inference_chunk is not None and config.inference_chunk < 0:
-    raise ValueError(f"config.inference_chunk={config.inference_chunk}: expected a number of "
-                     "images >= 1, 0 (the whole batch at once) or None (automatic).")
+  if not 0 <= config.eval.shift < config.input.image_size:
+    raise errors.ConfigError(
+        f"config.eval.shift={config.eval.shift}: test-time translations need a "
+        f"number of pixels in [0, image_size={config.input.image_size}); 0 turns "
+        "them off.")
+  if config.eval.chunk is not None and config.eval.chunk < 0:
+    raise errors.ConfigError(
+        f"config.eval.chunk={config.eval.chunk}: expected a number of "
+        "images >= 1, 0 (the whole batch at once) or None (automatic).")
 
 
 def inference_chunk(config, backend: str | None = None) -> int:
-  """`config.inference_chunk`, with None (auto) resolved: on CPU the largest power of two that
+  """`config.eval.chunk`, with None (auto) resolved: on CPU the largest power of two that
   fits `CPU_INFERENCE_BYTES` (at most 64 images), elsewhere 0 (the whole batch at once)."""
-  if config.inference_chunk is not None:
-    return config.inference_chunk
+  if config.eval.chunk is not None:
+    return config.eval.chunk
   if (backend or jax.default_backend()) != "cpu":
     return 0
   fit = max(1, CPU_INFERENCE_BYTES // models.largest_activation_bytes(config.model,
-                                                                       config.image_size))
+                                                                       config.input.image_size))
   return min(CPU_INFERENCE_MAX_CHUNK, 1 << (fit.bit_length() - 1))
 
 
@@ -81,41 +83,3 @@ def eval_logits(apply_fn, variables, images, config, views: Views):
   return logits.reshape(len(xs), len(images), -1).mean(0)
 
 
-def read_image(path: str) -> np.ndarray:
-  """An RGB uint8 (h, w, 3) array from a PNG or JPEG file.
-
-  Grayscale images are replicated to three channels and an alpha channel is dropped
-  (transparent pixels keep their colour values), as the model only knows RGB.
-  """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(path) as image:
-      if image.format not in ("PNG", "JPEG"):
-        raise ValueError(f"{path}: a {image.format} image; PNG or JPEG expected.")
-      return np.asarray(image.convert("RGB"), np.uint8)
-  except FileNotFoundError as e:
-    raise ValueError(f"{path}: no such file.") from e
-  except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"{path}: not a readable image ({e}); PNG or JPEG expected.") from e
-
-
-def fit_image(image: np.ndarray, config) -> np.ndarray:
-  """An image of any size as `predict` feeds it to the model.
-
-  With `config.eval_crop` None: its centre square, which the model's `resize` brings to
-  image_size on device (as variable-size datasets are read). With a fraction (ImageNet's
-  0.875): its shorter side resized to image_size / eval_crop with `config.eval_resize`'s
-  interpolation, then the centred image_size square, as timm evaluates.
-  """
-  if config.eval_crop is None:
-    return input_pipeline.centre_square(image)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  size = config.image_size
-  h, w = image.shape[:2]
-  short = int(size / config.eval_crop)
-  scale = short / min(h, w)
-  new_w, new_h = (short, round(h * scale)) if w <= h else (round(w * scale), short)
-  method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[config.eval_resize]
-  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), method))
-  top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-  return resized[top:top + size, left:left + size]

@@ -22,19 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilenet_jax import multihost
+from mobilenet_jax import errors, images, multihost
 
 # "inception": the random-resized crop and flip, on the host (streamed image files only).
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip", "inception")
 MIN_IMAGE_SIZE = 8
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(errors.UserError, RuntimeError):
   """The dataset is neither prepared in data_dir nor downloadable."""
 
 
-class UnknownSplitError(ValueError):
-  """config.train_split or config.eval_split names no split of the dataset."""
+class UnknownSplitError(errors.UserError, ValueError):
+  """config.data.train_split or config.data.eval_split names no split of the dataset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,60 +57,70 @@ class Dataset:
 
 
 def check_config(config, num_devices: int) -> None:
-  """Rejects bad data settings before anything is loaded or compiled."""
-  if config.augment not in AUGMENT_MODES:
-    raise ValueError(f"config.augment={config.augment!r}: expected one of {AUGMENT_MODES}.")
-  if config.image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f"config.image_size={config.image_size}: must be >= {MIN_IMAGE_SIZE} "
-                     "(MobileNetV1 downsamples by 16 or 32).")
-  if config.batch_size <= 0 or config.batch_size % num_devices:
+  """Rejects bad `config.input` and `config.augment` settings before anything is loaded."""
+  inputs, augment = config.input, config.augment
+  if augment.name not in AUGMENT_MODES:
+    raise errors.ConfigError(
+        f"config.augment.name={augment.name!r}: expected one of {AUGMENT_MODES}.")
+  if inputs.image_size < MIN_IMAGE_SIZE:
+    raise errors.ConfigError(
+        f"config.input.image_size={inputs.image_size}: must be >= "
+        f"{MIN_IMAGE_SIZE} (MobileNetV1 downsamples by 16 or 32).")
+  if inputs.batch_size <= 0 or inputs.batch_size % num_devices:
     processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    raise ValueError(
-        f"config.batch_size={config.batch_size} must be a positive multiple of the "
-        f"{num_devices} devices{processes}; use e.g. --config.batch_size="
-        f"{max(1, round(config.batch_size / num_devices)) * num_devices}.")
-  if config.alternate_flips and "flip" not in config.augment:
-    raise ValueError(f"config.alternate_flips=True with config.augment={config.augment!r}: "
-                     "there are no flips to alternate; use --config.augment=crop+flip (or flip), "
-                     "or --config.alternate_flips=False.")
-  if config.cutout < 0:
-    raise ValueError(f"config.cutout={config.cutout}: expected the side in pixels of the square "
-                     "to erase (e.g. 8), or 0 for no cutout.")
-  if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
-    raise ValueError(f"config.mean={config.mean} / config.std={config.std}: need one mean and "
-                     "one positive std per RGB channel (grayscale images are read as RGB).")
+    raise errors.ConfigError(
+        f"config.input.batch_size={inputs.batch_size} must be a positive multiple of the "
+        f"{num_devices} devices{processes}; use e.g. --config.input.batch_size="
+        f"{max(1, round(inputs.batch_size / num_devices)) * num_devices}.")
+  if augment.alternate_flips and "flip" not in augment.name:
+    raise errors.ConfigError(
+        f"config.augment.alternate_flips=True with config.augment.name="
+        f"{augment.name!r}: there are no flips to alternate; use "
+        "--config.augment.name=crop+flip (or flip), or "
+        "--config.augment.alternate_flips=False.")
+  if augment.cutout < 0:
+    raise errors.ConfigError(
+        f"config.augment.cutout={augment.cutout}: expected the side in pixels of "
+        "the square to erase (e.g. 8), or 0 for no cutout.")
+  if len(inputs.mean) != 3 or len(inputs.std) != 3 or min(inputs.std) <= 0:
+    raise errors.ConfigError(
+        f"config.input.mean={inputs.mean} / config.input.std={inputs.std}: need one "
+        "mean and one positive std per RGB channel (grayscale images are read as "
+        "RGB).")
 
 
 def _data_dir(config):
-  return config.data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  return config.data.dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
 def _builder(config):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    builder = tfds.builder(config.dataset, data_dir=_data_dir(config))
+    builder = tfds.builder(config.data.name, data_dir=_data_dir(config))
   except tfds.core.DatasetNotFoundError as e:
-    raise ValueError(f"config.dataset={config.dataset!r} is not a tensorflow-datasets name "
-                     "(e.g. 'cifar10', 'cifar100').") from e
+    raise errors.ConfigError(
+        f"config.data.name={config.data.name!r} is not a tensorflow-datasets name "
+        "(e.g. 'cifar10', 'cifar100').") from e
   features = builder.info.features
   if "image" not in features or "label" not in features or len(
       features["image"].shape) != 3:
-    raise ValueError(f"config.dataset={config.dataset!r} is not an image classification "
-                     f"dataset with 'image' and 'label' features (it has {list(features)}).")
+    raise errors.ConfigError(
+        f"config.data.name={config.data.name!r} is not an image classification "
+        f"dataset with 'image' and 'label' features (it has {list(features)}).")
   return builder
 
 
 def _unavailable(config, cause) -> DatasetUnavailableError:
   searched = _data_dir(config) or "tfds' default folder (~/tensorflow_datasets)"
-  if config.dataset.startswith("imagenet"):  # No download: its licence needs an account.
+  if config.data.name.startswith("imagenet"):  # No download: its licence needs an account.
     return DatasetUnavailableError(
-        f"Dataset {config.dataset!r} is not prepared in {searched} ({cause}), and ImageNet "
+        f"Dataset {config.data.name!r} is not prepared in {searched} ({cause}), and ImageNet "
         "must be downloaded by hand: follow the steps in configs/imagenet.py's docstring, then "
-        "pass --config.dataset=folder:/path/to/imagenet.")
+        "pass --config.data.name=folder:/path/to/imagenet.")
   return DatasetUnavailableError(
-      f"Dataset {config.dataset!r} is not prepared in {searched} ({cause}): point "
-      "--config.data_dir (or $TFDS_DATA_DIR) at a folder that holds a prepared tfds "
-      f"{config.dataset!r}, or run once with internet access and --config.download=True.")
+      f"Dataset {config.data.name!r} is not prepared in {searched} ({cause}): point "
+      "--config.data.dir (or $TFDS_DATA_DIR) at a folder that holds a prepared tfds "
+      f"{config.data.name!r}, or run once with internet access and --config.data.download=True.")
 
 
 def _download_host(builder):
@@ -130,7 +140,7 @@ def _reachable(host: str, timeout_s: float = 5.0) -> bool:
 def _prepare(config, builder) -> None:
   """Downloads and prepares a missing dataset, or fails within seconds offline, before tfds'
   retries (minutes) and before it leaves partial downloads in the data dir."""
-  if not config.download or builder.is_prepared():
+  if not config.data.download or builder.is_prepared():
     return  # Reading it says whether it is there.
   host = _download_host(builder)
   if host and not _reachable(host):
@@ -149,10 +159,11 @@ def load(config) -> Dataset:
   builder = _builder(config)
   _prepare(config, builder)
   try:
-    train = _read_split(config, builder, "train_split", config.get("train_examples"))
-    test = _read_split(config, builder, "eval_split", config.get("eval_examples"))
+    train = _read_split(config, builder, "train_split", config.data.train_examples)
+    test = _read_split(config, builder, "eval_split", config.data.eval_examples)
   except (AssertionError, OSError, tfds.core.DatasetNotFoundError) as e:
-    cause = "and config.download=False" if not config.download else multihost.first_line(e)
+    cause = ("and config.data.download=False" if not config.data.download else
+             multihost.first_line(e))
     raise _unavailable(config, cause) from e
   _warn_if_normalization_is_off(config, train.images)
   label = builder.info.features["label"]
@@ -160,18 +171,20 @@ def load(config) -> Dataset:
 
 
 def _read_split(config, builder, flag: str, limit) -> Split:
-  """The split `config[flag]` (tfds syntax: 'test', 'train[:90%]'), its first `limit` examples."""
+  """The split `config.data[flag]` (tfds syntax: 'test', 'train[:90%]'), its first `limit`
+  examples."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    ds = tfds.load(config.dataset, split=config[flag], data_dir=_data_dir(config), download=False)
+    ds = tfds.load(config.data.name, split=config.data[flag], data_dir=_data_dir(config),
+                   download=False)
   except ValueError as e:
     if "split" not in str(e).lower():
       raise
     raise UnknownSplitError(
-        f"config.{flag}={config[flag]!r}: {e} A dataset without a test split can hold out part "
-        "of its training split: --config.train_split='train[:90%]' "
-        "--config.eval_split='train[90%:]'.") from e
+        f"config.data.{flag}={config.data[flag]!r}: {e} A dataset without a test split can hold "
+        "out part of its training split: --config.data.train_split='train[:90%]' "
+        "--config.data.eval_split='train[90%:]'.") from e
   if limit is not None:
     ds = ds.take(limit)
   shape = builder.info.features["image"].shape
@@ -181,7 +194,7 @@ def _read_split(config, builder, flag: str, limit) -> Split:
     if shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     if None in shape[:2]:
-      image = square_and_resize(image, config.image_size)
+      image = images.square_and_resize_tf(image, config.input.image_size)
     return image, example["label"]
 
   ds = ds.map(rgb_at_fixed_size, num_parallel_calls=tf.data.AUTOTUNE)
@@ -190,39 +203,21 @@ def _read_split(config, builder, flag: str, limit) -> Split:
                np.concatenate([p[1] for p in parts]).astype(np.int32))
 
 
-def square_and_resize(image, size: int):
-  """A variable-size uint8 image (TensorFlow, while reading) -> `size` x `size` uint8: its
-  centre square (as `centre_square`), resized as `resize` does, so aspect ratios are kept."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.minimum(h, w)
-  image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-  image = tf.image.resize(image, (size, size), antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def centre_square(image: np.ndarray) -> np.ndarray:
-  """The centred min(h, w)-sided square of an (h, w, c) image (for `predict`)."""
-  h, w = image.shape[:2]
-  side = min(h, w)
-  top, left = (h - side) // 2, (w - side) // 2
-  return image[top:top + side, left:left + side]
-
-
 def _warn_if_normalization_is_off(config, images) -> None:
-  """Logs the training images' own mean and std when config.mean/std are far from them (the
+  """Logs the training images' own mean and std when config.input.mean/std are far from them (the
   defaults are CIFAR-10's): BatchNorm copes, but the first layer sees skewed inputs."""
   every = max(1, images.shape[1] // 32)  # About 1000 images' 32x32 grids of pixels suffice.
   sample = images[:1000, ::every, ::every].reshape(-1, images.shape[-1]).astype(np.float32)
   mean, std = sample.mean(0), np.maximum(sample.std(0), 1.0)
-  mean_off = np.abs(mean - np.asarray(config.mean)) / std
-  std_off = np.abs(np.log(std / np.asarray(config.std)))
+  mean_off = np.abs(mean - np.asarray(config.input.mean)) / std
+  std_off = np.abs(np.log(std / np.asarray(config.input.std)))
   if max(mean_off.max(), std_off.max()) > 0.25:
     fmt = lambda v: "(" + ", ".join(f"{x:.1f}" for x in v) + ")"
-    logging.warning("config.mean=%s, config.std=%s, but %s's training images have mean %s and std "
-                    "%s per channel: pass --config.mean='%s' --config.std='%s' to normalize them.",
-                    config.mean, config.std, config.dataset, fmt(mean), fmt(std), fmt(mean),
-                    fmt(std))
+    logging.warning("config.input.mean=%s, config.input.std=%s, but %s's training images have "
+                    "mean %s and std %s per channel: pass --config.input.mean='%s' "
+                    "--config.input.std='%s' to normalize them.",
+                    config.input.mean, config.input.std, config.data.name, fmt(mean), fmt(std),
+                    fmt(mean), fmt(std))
 
 
 # ---- On-device preprocessing: pure JAX, traced into the train and eval steps. ----
@@ -260,7 +255,8 @@ def translate(images, dy: int, dx: int):
 
 def resize(images, size: int):
   """The paper's resolution multiplier: bilinear resize to `size` x `size` (no-op if equal),
-  antialiased when shrinking, as TensorFlow's `resize(antialias=True)` (`square_and_resize`)."""
+  antialiased when shrinking, as TensorFlow's `resize(antialias=True)`
+  (`images.square_and_resize_tf`)."""
   n, h, w, c = images.shape
   if (h, w) == (size, size):
     return images
@@ -269,10 +265,10 @@ def resize(images, size: int):
 
 def preprocess(images, config, draws=None):
   """uint8 images -> normalized (augmented if `draws` given) model inputs."""
-  x = normalize(images, config.mean, config.std)
+  x = normalize(images, config.input.mean, config.input.std)
   if draws is not None:
-    x = augment(x, draws, config.augment, config.crop_padding, config.cutout)
-  return resize(x, config.image_size)
+    x = augment(x, draws, config.augment.name, config.augment.crop_padding, config.augment.cutout)
+  return resize(x, config.input.image_size)
 
 
 def eval_batches(split: Split, batch_size: int):

@@ -1,7 +1,7 @@
 """MobileNetV1 (Howard et al. 2017) in Flax Linen, with the CIFAR layouts of the references.
 
 Widths follow the paper's Table 1; `alpha` is its width multiplier. The
-resolution multiplier is the input size (`config.image_size`): the network is
+resolution multiplier is the input size (`config.input.image_size`): the network is
 fully convolutional up to the global average pool, so any size works.
 
 - Keras CIFAR reference: `stem_stride=2, use_bias=True` (optionally `shallow`), TensorFlow's
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilenet_jax import convolutions
+from mobilenet_jax import convolutions, errors
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -151,26 +151,32 @@ def largest_activation_bytes(model_config, image_size: int) -> int:
 def check_config(model_config) -> None:
   """Rejects a bad `config.model` with the flag and the fix, before anything is built."""
   if model_config.alpha <= 0:
-    raise ValueError(f"config.model.alpha={model_config.alpha}: must be > 0.")
+    raise errors.ConfigError(f"config.model.alpha={model_config.alpha}: must be > 0.")
   if model_config.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={model_config.dtype!r}: expected one of {list(DTYPES)}.")
+    raise errors.ConfigError(
+        f"config.model.dtype={model_config.dtype!r}: expected one of {list(DTYPES)}.")
   if model_config.kernel_init not in KERNEL_INITS:
-    raise ValueError(f"config.model.kernel_init={model_config.kernel_init!r}: expected one of "
-                     f"{list(KERNEL_INITS)}.")
+    raise errors.ConfigError(
+        f"config.model.kernel_init={model_config.kernel_init!r}: expected one of "
+        f"{list(KERNEL_INITS)}.")
   if model_config.stem_stride not in (1, 2):
-    raise ValueError(f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
+    raise errors.ConfigError(
+        f"config.model.stem_stride={model_config.stem_stride}: must be 1 or 2.")
   if model_config.padding not in PADDINGS:
-    raise ValueError(f"config.model.padding={model_config.padding!r}: expected one of "
-                     f"{PADDINGS} ('same': Keras/TensorFlow, 'symmetric': PyTorch).")
+    raise errors.ConfigError(
+        f"config.model.padding={model_config.padding!r}: expected one of "
+        f"{PADDINGS} ('same': Keras/TensorFlow, 'symmetric': PyTorch).")
   if model_config.activation not in ACTIVATIONS:
-    raise ValueError(f"config.model.activation={model_config.activation!r}: expected one of "
-                     f"{list(ACTIVATIONS)}.")
+    raise errors.ConfigError(
+        f"config.model.activation={model_config.activation!r}: expected one of "
+        f"{list(ACTIVATIONS)}.")
   if not (0 <= model_config.bn_momentum < 1 and model_config.bn_epsilon > 0):
-    raise ValueError(f"config.model.bn_momentum={model_config.bn_momentum}, "
-                     f"config.model.bn_epsilon={model_config.bn_epsilon}: need a decay in [0, 1) "
-                     "and a positive epsilon (Keras: 0.99, 1e-3; PyTorch: 0.9, 1e-5).")
+    raise errors.ConfigError(
+        f"config.model.bn_momentum={model_config.bn_momentum}, "
+        f"config.model.bn_epsilon={model_config.bn_epsilon}: need a decay in [0, 1) "
+        "and a positive epsilon (Keras: 0.99, 1e-3; PyTorch: 0.9, 1e-5).")
   if not 0 <= model_config.dropout < 1:
-    raise ValueError(f"config.model.dropout={model_config.dropout}: must be in [0, 1).")
+    raise errors.ConfigError(f"config.model.dropout={model_config.dropout}: must be in [0, 1).")
   convolutions.resolve(model_config.conv)
 
 

@@ -4,9 +4,9 @@ Every process runs the same command with the same config and the same shared
 `--workdir`; JAX joins their devices into one global mesh, so the run is the
 same program as one process with all the devices. Three things make that safe:
 
-- `initialize` connects the processes within `config.distributed_timeout_s`
+- `initialize` connects the processes within `config.distributed.timeout_s`
   (an unreachable coordinator is an error, not a hang) and sets JAX's heartbeat
-  to `config.heartbeat_timeout_s`: a process that stops answering for that long
+  to `config.distributed.heartbeat_timeout_s`: a process that stops answering for that long
   is declared dead and the others are terminated.
 - `check_same_config` compares every process's config with process 0's before
   anything is compiled: processes that disagree (a different batch size, say)
@@ -28,8 +28,11 @@ import traceback
 from absl import logging
 import jax
 
+from mobilenet_jax import errors
+
 # Fields that say which process this is; every other field must agree across processes.
-IDENTITY_FIELDS = ("coordinator_address", "num_processes", "process_id")
+IDENTITY_FIELDS = tuple(f"distributed.{name}" for name in (
+    "coordinator_address", "num_processes", "process_id"))
 _CONFIG_KEY = "mobilenet_jax/config/{}"
 EXIT_BARRIER_MS = 10_000  # How long a failed process waits for its peers to fail too.
 
@@ -41,35 +44,35 @@ def first_line(error: BaseException) -> str:
 
 
 def initialize(config) -> None:
-  """`jax.distributed.initialize` with the config's coordinator and timeouts (no-op if off).
+  """`jax.distributed.initialize` with `config.distributed`'s coordinator and timeouts (no-op
+  unless enabled).
 
   Unset coordinator fields are left to JAX: `$JAX_COORDINATOR_ADDRESS`, then
   its cluster detection (SLURM, Open MPI, Cloud TPU, Kubernetes).
   """
-  if not config.distributed:
+  hosts = config.distributed
+  if not hosts.enabled:
     return
-  address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  address = hosts.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   # JAX aborts the process (no exception) when it cannot connect in time: say first what it tries.
   logging.info("Joining the other processes through the coordinator at %s (within "
-                  "config.distributed_timeout_s=%s).", address or "(detected by JAX)",
-                  config.distributed_timeout_s)
-  if address and config.process_id:  # Process 0 starts the coordinator; the others need it up.
-    _wait_for_coordinator(address, config.distributed_timeout_s)
+               "config.distributed.timeout_s=%s).", address or "(detected by JAX)",
+               hosts.timeout_s)
+  if address and hosts.process_id:  # Process 0 starts the coordinator; the others need it up.
+    _wait_for_coordinator(address, hosts.timeout_s)
   try:
     jax.distributed.initialize(
-        coordinator_address=config.coordinator_address,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-        initialization_timeout=config.distributed_timeout_s,
-        heartbeat_timeout_seconds=config.heartbeat_timeout_s)
+        coordinator_address=hosts.coordinator_address, num_processes=hosts.num_processes,
+        process_id=hosts.process_id, initialization_timeout=hosts.timeout_s,
+        heartbeat_timeout_seconds=hosts.heartbeat_timeout_s)
   except (ValueError, TypeError, RuntimeError) as e:
     raise ConnectionError(
-        f"config.distributed=True: could not join the other processes within "
-        f"config.distributed_timeout_s={config.distributed_timeout_s} ({first_line(e)}). Start all "
-        "processes with the same command, and check config.coordinator_address (host:port of "
-        "process 0, or $JAX_COORDINATOR_ADDRESS), config.num_processes and config.process_id, "
-        "or run inside SLURM, Open MPI, Kubernetes or a Cloud TPU VM, where JAX detects "
-        "them.") from e
+        f"config.distributed.enabled=True: could not join the other processes within "
+        f"config.distributed.timeout_s={hosts.timeout_s} ({first_line(e)}). Start all processes "
+        "with the same command, and check config.distributed.coordinator_address (host:port of "
+        "process 0, or $JAX_COORDINATOR_ADDRESS), config.distributed.num_processes and "
+        "config.distributed.process_id, or run inside SLURM, Open MPI, Kubernetes or a Cloud "
+        "TPU VM, where JAX detects them.") from e
   logging.info("Process %d of %d, %d local of %d devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -85,10 +88,11 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
     except OSError as e:
       if time.time() > deadline:
         raise ConnectionError(
-            f"config.distributed=True: the coordinator at {address} (config.coordinator_address "
-            f"or $JAX_COORDINATOR_ADDRESS) did not answer within config.distributed_timeout_s="
-            f"{timeout_s} ({e.strerror or e}). Start process 0 (config.process_id=0) on that host "
-            "with the same command, and check the host name and port.") from e
+            f"config.distributed.enabled=True: the coordinator at {address} "
+            "(config.distributed.coordinator_address or $JAX_COORDINATOR_ADDRESS) did not answer "
+            f"within config.distributed.timeout_s={timeout_s} ({e.strerror or e}). Start process "
+            "0 (config.distributed.process_id=0) on that host with the same command, and check "
+            "the host name and port.") from e
       time.sleep(0.5)
 
 
@@ -125,7 +129,7 @@ def check_same_config(config) -> None:
 
   Goes through the coordinator's key-value store, not a collective, so that it
   runs before anything is compiled and each wait is bounded by
-  `config.distributed_timeout_s`.
+  `config.distributed.timeout_s`.
   """
   if jax.process_count() == 1:
     return
@@ -136,7 +140,7 @@ def check_same_config(config) -> None:
   mine = _comparable(config)
   client.key_value_set(_CONFIG_KEY.format(me), json.dumps(mine))
   others = range(1, jax.process_count()) if me == 0 else [0]
-  timeout_ms = int(config.distributed_timeout_s * 1000)
+  timeout_ms = int(config.distributed.timeout_s * 1000)
   mismatches = []
   for other in others:
     theirs = json.loads(client.blocking_key_value_get(_CONFIG_KEY.format(other), timeout_ms))
@@ -149,7 +153,7 @@ def check_same_config(config) -> None:
     other, theirs, differ = mismatches[0]
     shown = ", ".join(f"config.{k}={mine.get(k)!r} here, {theirs.get(k)!r} there"
                       for k in differ[:3])
-    raise ValueError(
+    raise errors.ConfigError(
         f"Process {me}'s config differs from process {other}'s in {len(differ)} field(s): "
         f"{shown}. Start every process with the same command; only "
         f"{', '.join('config.' + f for f in IDENTITY_FIELDS)} may differ.")

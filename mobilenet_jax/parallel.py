@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mobilenet_jax import input_pipeline, steps
+from mobilenet_jax import errors, input_pipeline, steps
 from mobilenet_jax import sampler as sampler_lib
 
 PARALLEL_MODES = ("jit", "pmap")
@@ -86,7 +86,7 @@ class JitRunner(_Runner):
   def put_eval_data(self, split):
     sharding = NamedSharding(self.mesh, P(None, AXIS))
     return tuple(self._put(a, sharding)
-                 for a in input_pipeline.eval_batches(split, self.config.batch_size))
+                 for a in input_pipeline.eval_batches(split, self.config.input.batch_size))
 
   def metrics(self, metrics):
     return jax.device_get(metrics)
@@ -98,10 +98,11 @@ class PmapRunner(_Runner):
 
   def __init__(self, config, num_train: int, streamed: bool = False):
     if streamed:
-      raise ValueError("config.input='stream' runs under jit: pass --config.parallel=jit (or "
-                       "--config.input=device).")
+      raise errors.ConfigError(
+          "config.input.mode='stream' runs under jit: pass --config.parallel=jit (or "
+          "--config.input.mode=device).")
     super().__init__(config, num_train)
-    local = config.batch_size // self.num_devices
+    local = config.input.batch_size // self.num_devices
     self.devices = jax.local_devices()
 
     def train(state, data, perm):
@@ -146,16 +147,20 @@ class PmapRunner(_Runner):
     return self._replicate({"image": split.images, "label": split.labels})
 
   def put_eval_data(self, split):
-    return self._replicate(input_pipeline.eval_batches(split, self.config.batch_size))
+    return self._replicate(input_pipeline.eval_batches(split, self.config.input.batch_size))
 
   def metrics(self, metrics):
     return self._first(metrics)
 
 
+def check_config(config) -> None:
+  if config.parallel not in PARALLEL_MODES:
+    raise errors.ConfigError(
+        f"config.parallel={config.parallel!r}: expected one of {PARALLEL_MODES}.")
+
+
 def create_runner(config, num_train: int, streamed: bool = False):
   """The runner of config.parallel; `streamed`: its train step takes batches from the host."""
-  if config.parallel not in PARALLEL_MODES:
-    raise ValueError(f"config.parallel={config.parallel!r}: expected one of {PARALLEL_MODES}.")
   return (JitRunner if config.parallel == "jit" else PmapRunner)(config, num_train, streamed)
 
 

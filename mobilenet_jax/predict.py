@@ -11,18 +11,18 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mobilenet_jax import inference, workdirs  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import errors, images, workdirs  # pylint: disable=g-import-not-at-top
 
 
 
 def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
   """For each image, the `top` (label name, probability) pairs, most probable first."""
-  images = [inference.read_image(path) for path in paths]  # A bad file fails before loading.
+  pictures = [images.read(path) for path in paths]  # A bad file fails before loading.
   trained = workdirs.load(workdir)
   logits = workdirs.logits_fn(trained)
   results = []
-  for raw in images:
-    image = inference.fit_image(raw, trained.config)
+  for raw in pictures:
+    image = images.fit(raw, trained.config)
     probs = np.asarray(jax.nn.softmax(logits(image[None]))[0])
     order = np.argsort(-probs)[:top]
     results.append([(trained.label_names[i], float(probs[i])) for i in order])
@@ -33,10 +33,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO.
   paths = argv[1:]
   if not paths:
-    raise app.UsageError("Name at least one PNG or JPEG image.")
+    raise app.UsageError("Name at least one image (JPEG, PNG, BMP or WebP).")
   try:
     results = predict(flags.FLAGS.workdir, paths, flags.FLAGS.top)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   for path, top in zip(paths, results):

@@ -9,8 +9,35 @@ skipped, so every step has the same shape and no example is repeated within an e
 Augmentation (translation, flip, cutout) is drawn for the whole global batch from the step's
 key, then each device takes its slice: any sharding (jit mesh, pmap, one device, several
 processes) augments each image exactly the same way.
+
+Every random number of a run comes from one of the named streams below, all derived from
+config.seed here and only here; their constants are part of a run's identity (changing one
+changes every result), so they stay as they are.
 """
 import jax
+import numpy as np
+
+SAMPLER_SEED_OFFSET = 1  # The sampler's key is key(seed + 1): key(seed) initializes the model.
+DROPOUT_STREAM = 1       # fold_in(step key, 1): dropout (per device under pmap: its index too).
+CUTOUT_STREAM = 2        # fold_in(step key, 2): cutout centres.
+
+
+def init_key(seed: int):
+  """The key the model's parameters are initialized from."""
+  return jax.random.key(seed)
+
+
+def dropout_key(step_key, device_index=None):
+  """Dropout's key for a step (and a device, under pmap)."""
+  key = jax.random.fold_in(step_key, DROPOUT_STREAM)
+  return key if device_index is None else jax.random.fold_in(key, device_index)
+
+
+def host_rng(seed: int, step: int, position: int) -> np.random.Generator:
+  """Host-side draws (streamed random-resized crops) of one image: position in the global
+  batch of `step`, so that any process count draws the same for it."""
+  return np.random.default_rng((seed, step, position))
+
 
 def epoch_permutation(rng, epoch, num_examples: int):
   """The example order of `epoch` (a traced scalar), the same after any resume."""
@@ -28,7 +55,7 @@ def augmentation_draws(rng, num_images: int, padding: int, cutout: int = 0):
   draws = {"shift": jax.random.randint(shift_rng, (num_images, 2), 0, 2 * padding + 1),
            "flip": jax.random.bernoulli(flip_rng, 0.5, (num_images,))}
   if cutout:  # A key of its own, so that turning cutout on leaves the other draws as they were.
-    draws["cutout"] = jax.random.uniform(jax.random.fold_in(rng, 2), (num_images, 2))
+    draws["cutout"] = jax.random.uniform(jax.random.fold_in(rng, CUTOUT_STREAM), (num_images, 2))
   return draws
 
 
@@ -50,9 +77,10 @@ class Sampler:
   def __init__(self, config, num_train: int):
     self.config = config
     self.num_train = num_train
-    self.steps_per_epoch = num_train // config.batch_size
-    self._shuffle_key, self._augment_key = jax.random.split(jax.random.key(config.seed + 1))
-    # Per-example flip phases (config.alternate_flips); the augmentation key itself is only
+    self.steps_per_epoch = num_train // config.input.batch_size
+    self._shuffle_key, self._augment_key = jax.random.split(
+        jax.random.key(config.seed + SAMPLER_SEED_OFFSET))
+    # Per-example flip phases (config.augment.alternate_flips); the augmentation key itself is only
     # ever folded with step numbers.
     self._flip_key = jax.random.split(self._augment_key)[0]
 
@@ -68,19 +96,19 @@ class Sampler:
     """The augmentation draws of examples [offset, offset + size) of `step`'s global batch
     (all of it by default), dataset examples `indices`: {'shift', 'flip'[, 'cutout']}."""
     config = self.config
-    size = config.batch_size if size is None else size
-    draws = augmentation_draws(self.step_key(step), config.batch_size, config.crop_padding,
-                               config.cutout)
+    size = config.input.batch_size if size is None else size
+    draws = augmentation_draws(self.step_key(step), config.input.batch_size,
+                               config.augment.crop_padding, config.augment.cutout)
     draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, offset, size), draws)
-    if config.alternate_flips:
+    if config.augment.alternate_flips:
       draws["flip"] = alternating_flips(self._flip_key, indices, step // self.steps_per_epoch)
     return draws
 
   def batch(self, step, data, permutation, offset: int = 0, size: int | None = None):
     """Examples [offset, offset + size) of `step`'s global batch (all of it by default), with
     their augmentation draws: {'image', 'label', 'shift', 'flip'[, 'cutout']}."""
-    size = self.config.batch_size if size is None else size
-    start = (step % self.steps_per_epoch) * self.config.batch_size + offset
+    size = self.config.input.batch_size if size is None else size
+    start = (step % self.steps_per_epoch) * self.config.input.batch_size + offset
     indices = jax.lax.dynamic_slice_in_dim(permutation, start, size)
     return {"image": data["image"][indices], "label": data["label"][indices],
             **self.draws(step, indices, offset, size)}

@@ -14,29 +14,57 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mobilenet_jax import inference, input_pipeline, models
+from mobilenet_jax import errors, inference, input_pipeline, models, sampler
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def learning_rate_schedule(config, steps_per_epoch: int):
-  """Piecewise-constant rate: `learning_rate`, then `lr_values[i]` from epoch `lr_boundaries[i]`.
+def check_config(config) -> None:
+  """Rejects a bad `config.optim`, `config.schedule` or label smoothing."""
+  optim, schedule = config.optim, config.schedule
+  def require(ok, message):
+    if not ok:
+      raise errors.ConfigError(message)
+  require(0 <= optim.momentum < 1, f"config.optim.momentum={optim.momentum}: must be in [0, 1).")
+  require(optim.weight_decay >= 0,
+          f"config.optim.weight_decay={optim.weight_decay}: must be >= 0.")
+  require(0 <= config.augment.label_smoothing < 1,
+          f"config.augment.label_smoothing={config.augment.label_smoothing}: must be in [0, 1).")
+  require(schedule.learning_rate > 0,
+          f"config.schedule.learning_rate={schedule.learning_rate}: must be > 0.")
+  require(schedule.reference_batch is None or schedule.reference_batch > 0,
+          f"config.schedule.reference_batch={schedule.reference_batch}: must be > 0 (or None: "
+          "rates as written).")
+  bounds, rates = list(schedule.boundaries), tuple(schedule.rates)
+  require(len(bounds) == len(rates) and min(rates, default=1) > 0,
+          f"config.schedule.boundaries={tuple(bounds)} and config.schedule.rates={rates} need "
+          "the same length (the rate from each boundary on), and positive rates.")
+  require(bounds == sorted(bounds) and len(set(bounds)) == len(bounds) and
+          all(0 < b for b in bounds),
+          f"config.schedule.boundaries={tuple(bounds)}: epochs must be positive and strictly "
+          "increasing.")
 
-  With `lr_batch` set, every rate is scaled by batch_size / lr_batch (linear scaling).
-  optax takes each boundary's ratio to the rate before it: converted here, and only here.
+
+def learning_rate_schedule(config, steps_per_epoch: int):
+  """Piecewise constant: `schedule.learning_rate`, then `rates[i]` from epoch `boundaries[i]`.
+
+  With `reference_batch` set, every rate is scaled by batch_size / reference_batch (linear
+  scaling). optax takes each boundary's ratio to the rate before it: converted here, and only here.
   """
-  rates = (config.learning_rate, *config.lr_values)
-  scale = config.batch_size / config.lr_batch if config.lr_batch else 1.0
+  schedule = config.schedule
+  rates = (schedule.learning_rate, *schedule.rates)
+  scale = (config.input.batch_size / schedule.reference_batch if schedule.reference_batch
+           else 1.0)
   return optax.piecewise_constant_schedule(
-      config.learning_rate * scale, {int(b * steps_per_epoch): after / before for b, before, after
-                                     in zip(config.lr_boundaries, rates, rates[1:])})
+      schedule.learning_rate * scale, {int(b * steps_per_epoch): after / before for b, before, after
+                                       in zip(schedule.boundaries, rates, rates[1:])})
 
 
 def create_optimizer(config, steps_per_epoch: int):
   return optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                   momentum=config.momentum, nesterov=True)
+                   momentum=config.optim.momentum, nesterov=True)
 
 
 def create_train_state(model, tx, rng, image_size: int) -> TrainState:
@@ -71,21 +99,21 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   """One SGD step on `batch`; returns (state, metrics).
 
   `batch`: a `sampler.Sampler.batch`: uint8 NHWC 'image', int32 'label', and each image's
-  augmentation draws ('shift', 'flip', and 'cutout' with config.cutout), applied here on device.
+  augmentation draws ('shift', 'flip', and 'cutout' with config.augment.cutout), applied here on
+  device.
   `rng`: the step's key (`Sampler.step_key`), which dropout draws from.
   """
   images = input_pipeline.preprocess(batch["image"], config, draws=batch)
   # Drawn only with config.model.dropout > 0; the augmentation draws used the key itself.
-  dropout_key = jax.random.fold_in(rng, 1)
-  if axis_name is not None:
-    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+  dropout_key = sampler.dropout_key(rng, None if axis_name is None else
+                                    jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                      images, train=True, mutable=["batch_stats"],
                                      rngs={"dropout": dropout_key})
-    loss = training_loss(logits, batch["label"], config.label_smoothing)
-    return loss + config.weight_decay * l2_penalty(params), (logits, updates)
+    loss = training_loss(logits, batch["label"], config.augment.label_smoothing)
+    return loss + config.optim.weight_decay * l2_penalty(params), (logits, updates)
 
   grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   metrics = _metrics(logits, batch["label"])

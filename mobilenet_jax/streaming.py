@@ -1,8 +1,8 @@
-"""Streamed input (`config.input = "stream"`): each step's batch read and decoded on the host.
+"""Streamed input (`config.input.mode = "stream"`): each step's batch read and decoded on the host.
 
 Every process reads only its own rows of each global batch (the rows its devices hold),
-decodes them on `config.input_workers` threads, and puts them on its devices
-`config.prefetch` steps ahead of the train step; `jax.make_array_from_process_local_data`
+decodes them on `config.input.workers` threads, and puts them on its devices
+`config.input.prefetch` steps ahead of the train step; `jax.make_array_from_process_local_data`
 joins the processes' rows into the global batch. Which examples a step reads comes from the
 same permutation as the device pipeline's (`sampler.py`, computed on the host CPU), and
 host-side random draws from (seed, step, position in the global batch), so a run is the same
@@ -12,10 +12,9 @@ Fixed-size images (a tfds split held in host memory) stream as stored: the train
 translates, flips and resizes them on device exactly as the device pipeline does, so
 `stream` and `device` train the same model. Files of any size (`folders.py`) are fitted to
 `image_size` on the host: for training the Inception-style random-resized crop and flip
-with `config.augment = "inception"`, else as evaluation fits them (`fit`).
+with `config.augment.name = "inception"`, else as evaluation fits them (`images.py`).
 """
 import concurrent.futures
-import math
 import os
 import queue
 import threading
@@ -23,52 +22,12 @@ import threading
 import jax
 import numpy as np
 
-from mobilenet_jax import inference, input_pipeline
-
-# Random-resized crop (Szegedy et al., 2015), as torchvision's RandomResizedCrop draws it.
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-
-
-def fit(image: np.ndarray, config) -> np.ndarray:
-  """A file's image at `image_size`: `predict`'s fit (`inference.fit_image`), with the
-  centre square resized here when config.eval_crop is None."""
-  image = inference.fit_image(image, config)
-  return resize(image, config.image_size) if config.eval_crop is None else image
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear (antialiased when shrinking, PIL's default) to `size` x `size`."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if image.shape[:2] == (size, size):
-    return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def inception_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-  """A random crop of 8-100% of the area at aspect ratio 3/4-4/3, resized to `size` and
-  mirrored with probability 1/2; after 10 failed draws, the centre crop of the closest
-  ratio (torchvision's fallback)."""
-  h, w = image.shape[:2]
-  for _ in range(10):
-    area = h * w * rng.uniform(*CROP_SCALE)
-    ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
-    cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-    if 0 < cw <= w and 0 < ch <= h:
-      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      break
-  else:
-    ratio = min(max(w / h, CROP_RATIO[0]), CROP_RATIO[1])
-    cw, ch = (w, round(w / ratio)) if w / h < ratio else (round(h * ratio), h)
-    top, left = (h - ch) // 2, (w - cw) // 2
-  out = resize(image[top:top + ch, left:left + cw], size)
-  return out[:, ::-1] if rng.random() < 0.5 else out
-
+from mobilenet_jax import images, input_pipeline, sampler
 
 def _decode_pool(config):
-  """config.input_workers threads (None: one per CPU core, at most 32): PIL decodes and
+  """config.input.workers threads (None: one per CPU core, at most 32): PIL decodes and
   resizes without holding the GIL."""
-  return concurrent.futures.ThreadPoolExecutor(config.input_workers or
+  return concurrent.futures.ThreadPoolExecutor(config.input.workers or
                                                min(32, os.cpu_count() or 1))
 
 
@@ -126,7 +85,7 @@ class StreamFeed:
 
   def __init__(self, config, runner, train, test):
     self.config, self.runner, self.train_source, self.test_source = config, runner, train, test
-    self.rows = process_rows(runner.batch_sharding, config.batch_size)
+    self.rows = process_rows(runner.batch_sharding, config.input.batch_size)
     self._pool = _decode_pool(config)
     self._permutation = (None, None)  # (epoch, its permutation), computed once per epoch.
 
@@ -135,9 +94,9 @@ class StreamFeed:
 
   def _epoch_permutation(self, epoch: int) -> np.ndarray:
     if self._permutation[0] != epoch:
-      sampler = self.runner.sampler
+      order = self.runner.sampler
       with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        perm = np.asarray(sampler.permutation(epoch * sampler.steps_per_epoch))
+        perm = np.asarray(order.permutation(epoch * order.steps_per_epoch))
       self._permutation = (epoch, perm)
     return self._permutation[1]
 
@@ -152,15 +111,16 @@ class StreamFeed:
   def _put(self, batch: dict) -> dict:
     config, sharding = self.config, self.runner.batch_sharding
     return {k: jax.make_array_from_process_local_data(
-        sharding, v, (config.batch_size, *v.shape[1:])) for k, v in batch.items()}
+        sharding, v, (config.input.batch_size, *v.shape[1:])) for k, v in batch.items()}
 
   def _train_batch(self, step: int) -> dict:
     config, spe = self.config, self.runner.steps_per_epoch
-    first = (step % spe) * config.batch_size
+    first = (step % spe) * config.input.batch_size
     indices = self._epoch_permutation(step // spe)[first + self.rows.start:first + self.rows.stop]
-    augment = lambda j, image: inception_crop(
-        image, np.random.default_rng((config.seed, step, self.rows.start + j)), config.image_size)
-    transform = augment if config.augment == "inception" else lambda j, image: fit(image, config)
+    augment = lambda j, image: images.inception_crop(
+        image, sampler.host_rng(config.seed, step, self.rows.start + j), config.input.image_size)
+    transform = (augment if config.augment.name == "inception" else
+                 lambda j, image: images.fit_to_input(image, config))
     return self._put({"image": self._read(self.train_source, indices, transform),
                       "label": self.train_source.labels[indices],
                       "index": indices.astype(np.int32)})
@@ -168,7 +128,7 @@ class StreamFeed:
   def train_steps(self, state, start: int, stop: int):
     """Yields the train step's data arguments for steps [start, stop)."""
     del state  # The permutation comes from the step alone.
-    prefetcher = _Prefetcher(self._train_batch, range(start, stop), self.config.prefetch)
+    prefetcher = _Prefetcher(self._train_batch, range(start, stop), self.config.input.prefetch)
     try:
       for batch in prefetcher:
         yield (batch,)
@@ -177,22 +137,23 @@ class StreamFeed:
 
   def _eval_batch(self, number: int):
     """Eval batch `number`: this process's rows, padded past the split's end and masked."""
-    source, batch_size = self.test_source, self.config.batch_size
+    source, batch_size = self.test_source, self.config.input.batch_size
     positions = np.arange(self.rows.start, self.rows.stop) + number * batch_size
     real = positions < len(source)
     shape = (source.images.shape[1:] if source.fixed_size else
-             (self.config.image_size, self.config.image_size, 3))
-    images = np.zeros((len(positions), *shape), np.uint8)
+             (self.config.input.image_size, self.config.input.image_size, 3))
+    pixels = np.zeros((len(positions), *shape), np.uint8)
     labels = np.zeros((len(positions),), np.int32)
     if real.any():
-      images[real] = self._read(source, positions[real], lambda j, image: fit(image, self.config))
+      pixels[real] = self._read(source, positions[real],
+                                lambda j, image: images.fit_to_input(image, self.config))
       labels[real] = source.labels[positions[real]]
-    return self._put({"image": images, "label": labels, "mask": real.astype(np.float32)})
+    return self._put({"image": pixels, "label": labels, "mask": real.astype(np.float32)})
 
   def evaluate(self, state, views):
     """Per-batch metric sums over the test split, each example counted once."""
-    num_batches = -(-len(self.test_source) // self.config.batch_size)
-    prefetcher = _Prefetcher(self._eval_batch, range(num_batches), self.config.prefetch)
+    num_batches = -(-len(self.test_source) // self.config.input.batch_size)
+    prefetcher = _Prefetcher(self._eval_batch, range(num_batches), self.config.input.prefetch)
     try:
       return [self.runner.evaluate_batch(state, b["image"], b["label"], b["mask"], views)
               for b in prefetcher]
@@ -204,11 +165,12 @@ def image_bytes(source, config) -> int:
   """Bytes a split takes as uint8 in device memory (files: fitted to image_size)."""
   if source.fixed_size:
     return source.images.nbytes
-  return len(source) * config.image_size ** 2 * 3
+  return len(source) * config.input.image_size ** 2 * 3
 
 
 def read_all(source, config) -> input_pipeline.Split:
   """A split of files read whole into host memory, fitted to image_size (for `device`)."""
   with _decode_pool(config) as pool:
-    images = list(pool.map(lambda i: fit(source.read(i), config), range(len(source))))
-  return input_pipeline.Split(np.stack(images), source.labels)
+    fitted = list(pool.map(lambda i: images.fit_to_input(source.read(i), config),
+                           range(len(source))))
+  return input_pipeline.Split(np.stack(fitted), source.labels)

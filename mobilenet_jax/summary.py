@@ -74,10 +74,13 @@ def summarize(model: nn.Module, image_size: int) -> Summary:
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import models  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
-  summary = summarize(models.create_model(config.model), config.image_size)
+  from mobilenet_jax import config_lib, errors, models  # pylint: disable=g-import-not-at-top
+  del argv
+  try:
+    config = config_lib.from_flags()
+  except errors.UserError as e:
+    config_lib.fail(e)
+  summary = summarize(models.create_model(config.model), config.input.image_size)
   print(summary.table())
   print(f"params: {summary.params}")
   print(f"macs: {summary.macs}")
@@ -85,8 +88,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar.py:torch.",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from mobilenet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("config", None, "Config file, e.g. configs/cifar.py:torch; "
+                      "--config.FIELD=VALUE overrides a field.", required=True)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -7,9 +7,7 @@ resumes from a checkpoint continues exactly as if it had never stopped.
 """
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -20,82 +18,9 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from mobilenet_jax import checkpoints, datasets, inference, input_pipeline
-from mobilenet_jax import metric_logging, models, parallel, steps, streaming, workdirs
+from mobilenet_jax import checkpoints, config_lib, datasets, errors, inference
+from mobilenet_jax import metric_logging, models, parallel, sampler, steps, streaming, workdirs
 from mobilenet_jax import summary as summary_lib
-
-
-class ConfigError(ValueError):
-  """A bad setting or workdir: run.py prints its message as one line, without a traceback."""
-
-
-def check_config(config, workdir: str) -> None:
-  """Rejects a bad config or workdir with an actionable message, before any data is read.
-
-  The one place every setting is checked: each module's own `check_config`, then the
-  run's (schedule, evaluation cadence, init_from, workdir)."""
-  try:
-    _check_config(config, workdir)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-
-
-def with_global_batch(config):
-  """`config`, with batch_size set from per_process_batch_size (if set) and the process count."""
-  if config.per_process_batch_size is None:
-    return config
-  if config.per_process_batch_size <= 0:
-    raise ConfigError(f"config.per_process_batch_size={config.per_process_batch_size}: must be "
-                      "> 0 (or None, to use config.batch_size as the global batch).")
-  config = config.copy_and_resolve_references()
-  config.batch_size = config.per_process_batch_size * jax.process_count()
-  return config
-
-
-def _check_config(config, workdir: str) -> None:
-  def require(ok, message):
-    if not ok:
-      raise ValueError(message)
-  require(config.learning_rate > 0, f"config.learning_rate={config.learning_rate}: must be > 0.")
-  require(config.num_epochs > 0, f"config.num_epochs={config.num_epochs}: must be > 0.")
-  require(0 <= config.momentum < 1, f"config.momentum={config.momentum}: must be in [0, 1).")
-  require(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay}: must be >= 0.")
-  require(0 <= config.label_smoothing < 1,
-          f"config.label_smoothing={config.label_smoothing}: must be in [0, 1).")
-  require(config.mode in ("train", "eval"),
-          f"config.mode={config.mode!r}: expected 'train' or 'eval'.")
-  require(config.batch_size > 0, f"config.batch_size={config.batch_size}: must be > 0.")
-  require(config.lr_batch is None or config.lr_batch > 0,
-          f"config.lr_batch={config.lr_batch}: must be > 0 (or None: rates as written).")
-  require(config.parallel in parallel.PARALLEL_MODES,
-          f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}.")
-  bounds = list(config.lr_boundaries)
-  require(len(bounds) == len(config.lr_values) and min(config.lr_values, default=1) > 0,
-          f"config.lr_boundaries={tuple(bounds)} and config.lr_values={tuple(config.lr_values)} "
-          "need the same length (the rate from each boundary on), and positive rates.")
-  require(bounds == sorted(bounds) and len(set(bounds)) == len(bounds) and
-          all(0 < b for b in bounds),
-          f"config.lr_boundaries={tuple(bounds)}: epochs must be positive and strictly increasing.")
-  for name in ("eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
-    require(config[name] >= 1, f"config.{name}={config[name]}: must be >= 1.")
-  require(config.init_from is None or
-          os.path.exists(os.path.join(config.init_from, "config.json")),
-          f"config.init_from={config.init_from}: no config.json there; pass a workdir that "
-          "run.py trained or `python -m mobilenet_jax.convert` wrote.")
-  models.check_config(config.model)
-  input_pipeline.check_config(config, jax.device_count())
-  datasets.check_config(config)
-  inference.check_config(config)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    # One probe per process: processes of a multi-host run share the workdir.
-    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
-    with open(probe, "w", encoding="utf-8"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}): pass a folder "
-                     "you can write to.") from e
 
 
 class _StopRequested:
@@ -177,8 +102,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config; only process 0 writes the workdir's files (checkpoints go through
   orbax, which coordinates the processes itself).
   """
-  config = with_global_batch(config)
-  check_config(config, workdir)
+  config = config_lib.with_global_batch(config)
+  config_lib.check_config(config, workdir)
   start = time.time()
   run = _set_up(config, workdir)
   throughput, stop, last_eval = Throughput(), _StopRequested(), None
@@ -203,22 +128,22 @@ def _set_up(config, workdir: str) -> _Run:
   """Data on the devices, the model's summary, and the state: resumed, `init_from`, or new."""
   chief = jax.process_index() == 0
   data, runner, feed = _load(config)
-  summary = summary_lib.summarize(models.create_model(config.model), config.image_size)
+  summary = summary_lib.summarize(models.create_model(config.model), config.input.image_size)
   if chief:
     print(summary.table(), flush=True)
-  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
+  checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(workdir),
+                                         config.checkpoint.keep)
   state = checkpointer.restore(steps.create_train_state(
       models.create_model(config.model, axis_name=runner.axis_name),
-      steps.create_optimizer(config, runner.steps_per_epoch), jax.random.key(config.seed),
-      config.image_size))
+      steps.create_optimizer(config, runner.steps_per_epoch), sampler.init_key(config.seed),
+      config.input.image_size))
   step = int(state.step)
   if step:
     logging.info("Resuming from the checkpoint at step %d.", step)
   elif config.init_from:
     state = workdirs.start_from(state, config)
   if chief:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdirs.write_config(workdir, config)
     workdirs.save_label_names(workdir, data.label_names)
   return _Run(config, workdir, runner, summary, checkpointer,
               metric_logging.MetricLogger(workdir) if chief else None, runner.put_state(state),
@@ -226,15 +151,15 @@ def _set_up(config, workdir: str) -> _Run:
 
 
 def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dict:
-  """The rest of the current epoch (all of it unless resumed mid-epoch, or stopped by SIGTERM);
-  returns its summed training metrics."""
+  """The rest of the current epoch (all of it unless resumed mid-epoch, or stopped by SIGTERM),
+  with the step cadences' logs and checkpoints; returns its summed training metrics."""
   config, runner = run.config, run.runner
   epoch = run.step // run.steps_per_epoch
   epoch_end = (epoch + 1) * run.steps_per_epoch
   bar = tqdm.tqdm(total=run.steps_per_epoch, initial=run.step % run.steps_per_epoch,
                   desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
-                  disable=not (run.logger and config.progress_bar))
-  metrics = []
+                  disable=not (run.logger and config.log.progress_bar))
+  metrics, logged = [], 0  # Each step's metrics; how many of them a step log has covered.
   throughput.start(run.step)
   with jax.transfer_guard_host_to_device("disallow"):
     with contextlib.closing(run.feed.train_steps(run.state, run.step, epoch_end)) as inputs:
@@ -248,38 +173,69 @@ def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dic
         bar.update(1)
         if stop.check(run.step):
           break
+        if run.step < epoch_end and _due(run.step, config.log.every_steps):
+          _log_steps(run, _sum(runner.metrics(metrics[logged:])))
+          logged = len(metrics)
+        if run.step < epoch_end and _due(run.step, config.checkpoint.every_steps):
+          run.checkpointer.save(runner.get_state(run.state))
         if run.step % 50 == 0:
-          loss = float(runner.metrics(step_metrics)["loss"]) / config.batch_size
+          loss = float(runner.metrics(step_metrics)["loss"]) / config.input.batch_size
           bar.set_postfix(loss=f"{loss:.3f}")
     sums = _sum(runner.metrics(metrics)) if metrics else {"loss": 0.0}
   bar.close()
-  throughput.stop(run.step, config.batch_size)
+  throughput.stop(run.step, config.input.batch_size)
   return sums
+
+
+def _due(step: int, every: int | None) -> bool:
+  return every is not None and step % every == 0
+
+
+def _check_finite(run: _Run, loss: float) -> None:
+  if not math.isfinite(loss):
+    kept = run.checkpointer.latest_step()
+    kept = ("no checkpoint was saved before it" if kept is None else
+            f"the last good checkpoint (step {kept}) is kept in {run.checkpointer.directory}")
+    raise FloatingPointError(
+        f"The training loss became {loss} in epoch {-(-run.step // run.steps_per_epoch)} "
+        f"(step {run.step}). Stopped; {kept}. Lower --config.schedule.learning_rate or check "
+        "the data.")
+
+
+def _train_scalars(run: _Run, sums: dict) -> dict:
+  """Training loss, accuracy and the last step's rate, from summed metrics."""
+  _check_finite(run, sums["loss"])
+  return {"train_loss": sums["loss"] / sums["count"],
+          "train_accuracy": sums["correct"] / sums["count"],
+          "learning_rate": float(steps.learning_rate_schedule(
+              run.config, run.steps_per_epoch)(run.step - 1))}
+
+
+def _log_steps(run: _Run, sums: dict) -> None:
+  """config.log.every_steps: the steps since the last log (an epoch's last step logs as the
+  epoch, in `_end_epoch`)."""
+  with jax.transfer_guard_host_to_device("allow"):  # The rate: the schedule at the step.
+    scalars = _train_scalars(run, sums)
+  if run.logger:
+    run.logger.write(run.step, scalars)
 
 
 def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
   """Logs the epoch, evaluates and checkpoints when due; returns the evaluation's sums, if any."""
   config, runner, epoch = run.config, run.runner, run.step // run.steps_per_epoch
-  if not math.isfinite(sums["loss"]):
-    raise FloatingPointError(
-        f"The training loss became {sums['loss']} in epoch {epoch} (step {run.step}). Stopped; "
-        f"the last good checkpoint (step {run.checkpointer.latest_step()}) is kept in "
-        f"{run.workdir}/checkpoints. Lower --config.learning_rate or check the data.")
   finished = run.step == run.total_steps
-  scalars = {"train_loss": sums["loss"] / sums["count"],
-             "train_accuracy": sums["correct"] / sums["count"],
-             "learning_rate": float(steps.learning_rate_schedule(
-                 config, run.steps_per_epoch)(run.step - 1)),
+  scalars = {**_train_scalars(run, sums),
              "train_images_per_s": throughput.images / max(throughput.seconds, 1e-9),
              "epoch": epoch}
   evaluation = None
-  if finished or epoch % config.eval_every_epochs == 0:
+  if finished or epoch % config.eval.every_epochs == 0:
     evaluation = _sum(runner.metrics(run.feed.evaluate(run.state,
                                                        inference.Views.of(config, shift=False))))
     scalars.update({k: v for k, v in _test_results(evaluation).items() if k != "test_examples"})
   if run.logger:
     run.logger.write(run.step, scalars)
-  if finished or epoch % config.checkpoint_every_epochs == 0:
+  if (finished or epoch % config.checkpoint.every_epochs == 0 or
+      _due(run.step, config.checkpoint.every_steps)):
     run.checkpointer.save(runner.get_state(run.state))
   return evaluation if finished else None
 
@@ -288,14 +244,13 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
   """The final evaluation (the last epoch's, unless resumed after it or test-time translations
   are on: too costly for every epoch's), written to results.json."""
   config = run.config
-  if last_eval is None or config.eval_shift:
+  if last_eval is None or config.eval.shift:
     last_eval = _sum(run.runner.metrics(run.feed.evaluate(run.state, inference.Views.of(config))))
   results = {**_test_results(last_eval), "epochs": config.num_epochs,
              "params": run.summary.params, "macs": run.summary.macs,
              "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
   if run.logger:
-    with open(os.path.join(run.workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    workdirs.write_results(run.workdir, results)
     print(f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
           f"examples (loss {results['test_loss']:.4f})", flush=True)
   return results
@@ -303,9 +258,9 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Test metrics of the latest checkpoint in `workdir` (`--config.mode=eval`), without training."""
-  config = with_global_batch(config)
-  check_config(config, workdir)
-  state = checkpoints.restore_trained(workdir, config)
+  config = config_lib.with_global_batch(config)
+  config_lib.check_config(config, workdir)
+  state = workdirs.restore_trained(workdir, config)
   _, runner, feed = _load(config)
   try:
     test = _sum(runner.metrics(feed.evaluate(runner.put_state(state), inference.Views.of(config))))
@@ -321,16 +276,15 @@ def _load(config):
   """The dataset, the runner for it and its feed (on device, or streamed from the host)."""
   data, mode = datasets.load(config)
   if data.num_classes != config.model.num_classes:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes} but "
-                      f"{config.dataset} has {data.num_classes} classes: pass "
-                      f"--config.model.num_classes={data.num_classes}.")
-  if len(data.train) < config.batch_size:
-    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
-                      f"{len(data.train)} training examples.")
-  try:
-    runner = parallel.create_runner(config, len(data.train), streamed=mode == "stream")
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+    raise errors.ConfigError(
+        f"config.model.num_classes={config.model.num_classes} but "
+        f"{config.data.name} has {data.num_classes} classes: pass "
+        f"--config.model.num_classes={data.num_classes}.")
+  if len(data.train) < config.input.batch_size:
+    raise errors.ConfigError(
+        f"config.input.batch_size={config.input.batch_size} exceeds the "
+        f"{len(data.train)} training examples.")
+  runner = parallel.create_runner(config, len(data.train), streamed=mode == "stream")
   if mode == "stream":
     return data, runner, streaming.StreamFeed(config, runner, data.train, data.test)
   return data, runner, parallel.DeviceFeed(runner, data)

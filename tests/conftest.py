@@ -40,8 +40,8 @@ def mock_tfds():
 def smoke_config():
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config("smoke")
-  config.download = False
-  config.progress_bar = False
+  config.data.download = False
+  config.log.progress_bar = False
   return config
 
 
@@ -51,7 +51,7 @@ def fresh_state(config, steps_per_epoch=4):
   from mobilenet_jax import models, steps  # pylint: disable=g-import-not-at-top
   return steps.create_train_state(models.create_model(config.model),
                                   steps.create_optimizer(config, steps_per_epoch),
-                                  jax.random.key(0), config.image_size)
+                                  jax.random.key(0), config.input.image_size)
 
 
 def random_batch(config, n=16, size=32, seed=0):
@@ -62,8 +62,8 @@ def random_batch(config, n=16, size=32, seed=0):
   rng = np.random.default_rng(seed)
   return {"image": jax.numpy.asarray(rng.integers(0, 256, (n, size, size, 3), np.uint8)),
           "label": jax.numpy.asarray(rng.integers(0, 10, (n,), np.int32)),
-          **sampler.augmentation_draws(jax.random.key(seed), n, config.crop_padding,
-                                       config.cutout)}
+          **sampler.augmentation_draws(jax.random.key(seed), n, config.augment.crop_padding,
+                                       config.augment.cutout)}
 
 
 def inference_logits(model, variables, images):
@@ -88,8 +88,8 @@ def assert_same_state(a, b):
 
 def restore_latest(workdir, config):
   """The latest checkpoint's TrainState in `workdir` (trained with `config`)."""
-  from mobilenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpointer = checkpoints.Checkpointer(str(workdir), 100)
+  from mobilenet_jax import checkpoints, workdirs  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(str(workdir)), 100)
   try:
     return checkpointer.restore(checkpoints.state_template(config))
   finally:
@@ -98,8 +98,8 @@ def restore_latest(workdir, config):
 
 def smoke_args(workdir, *flags):
   """run.py's flags for the smoke preset on tfds mock data in `workdir`, then `flags`."""
-  return ["--config=configs/cifar.py:smoke", "--config.download=False",
-          "--config.progress_bar=False", f"--workdir={workdir}", *flags]
+  return ["--config=configs/cifar.py:smoke", "--config.data.download=False",
+          "--config.log.progress_bar=False", f"--workdir={workdir}", *flags]
 
 
 def _mocked_command(args, env):
@@ -137,10 +137,10 @@ def start_processes(common, workdir, *args, num_processes=2, process_ids=None, p
   runs = []
   for i in range(num_processes) if process_ids is None else process_ids:
     log = f"{workdir}.{port}.{i}.log"  # One per launch: a rerun keeps the first's.
-    runs.append((start_mocked(*common, f"--workdir={workdir}", "--config.distributed=True",
-                              f"--config.coordinator_address=localhost:{port}",
-                              f"--config.num_processes={num_processes}",
-                              f"--config.process_id={i}", *args,
+    runs.append((start_mocked(*common, f"--workdir={workdir}", "--config.distributed.enabled=True",
+                              f"--config.distributed.coordinator_address=localhost:{port}",
+                              f"--config.distributed.num_processes={num_processes}",
+                              f"--config.distributed.process_id={i}", *args,
                               *(per_process[i] if per_process else []), log=log,
                               env={"XLA_FLAGS": ""}), log))
   return runs
@@ -173,8 +173,8 @@ def wait_for_checkpoint(runs, workdir, step, timeout=300):
 
 
 def latest_step(workdir):
-  from mobilenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpointer = checkpoints.Checkpointer(str(workdir), 100)
+  from mobilenet_jax import checkpoints, workdirs  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(str(workdir)), 100)
   try:
     return checkpointer.latest_step()
   finally:

@@ -27,7 +27,7 @@ def mock_load(config) -> input_pipeline.Dataset:
   from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
   features = input_pipeline._builder(config).info.features  # pylint: disable=protected-access
   if features["image"].shape[-1] != 3 or None in features["image"].shape:
-    raise ValueError(f"mock_run.py serves fixed-size RGB datasets, not {config.dataset!r}.")
+    raise ValueError(f"mock_run.py serves fixed-size RGB datasets, not {config.data.name!r}.")
   examples = list(mocking.RandomFakeGenerator(features, NUM_EXAMPLES))
 
   def split(limit):
@@ -36,8 +36,8 @@ def mock_load(config) -> input_pipeline.Dataset:
                                 np.asarray([e["label"] for e in kept], np.int32))
 
   label = features["label"]
-  return input_pipeline.Dataset(split(config.get("train_examples")),
-                                split(config.get("eval_examples")),
+  return input_pipeline.Dataset(split(config.data.train_examples),
+                                split(config.data.eval_examples),
                                 label.num_classes, tuple(label.names))
 
 
@@ -72,4 +72,4 @@ if __name__ == "__main__":
   import run  # pylint: disable=g-import-not-at-top
   input_pipeline.load = mock_load
   share_the_compilation_cache_between_processes()
-  app.run(run.main, flags_parser=run.parse_flags)
+  app.run(run.main, flags_parser=run.config_lib.parse_flags)

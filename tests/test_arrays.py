@@ -16,10 +16,11 @@ from configs import cifar
 from mobilenet_jax import arrays, datasets, input_pipeline
 
 
-def _config(path, **fields):
+def _config(path, **data):
+  """The smoke config reading `path`, with `data` fields set."""
   config = cifar.get_config("smoke")
-  config.update({"dataset": f"npz:{path}", "train_examples": None, "eval_examples": None,
-                 **fields})
+  config.data.update({"name": f"npz:{path}", "train_examples": None, "eval_examples": None,
+                      **data})
   return config
 
 
@@ -111,22 +112,24 @@ def test_not_an_npz_file_and_a_missing_path(tmp_path):
     arrays.load(_config(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_run_py_stops_on_a_bad_file_with_one_line(tmp_path):
   keras = _keras_arrays()
   keras["y_test"][3] = 200
   np.savez(tmp_path / "bad.npz", **keras)
-  result = run_mocked(*smoke_args(tmp_path / "w", f"--config.dataset=npz:{tmp_path}/bad.npz"))
+  result = run_mocked(*smoke_args(tmp_path / "w", f"--config.data.name=npz:{tmp_path}/bad.npz"))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
       f"error: {tmp_path}/bad.npz: y_test holds label 200, outside [0, 10) for the 10 classes "
-      "(label_names in the file, else config.class_names, else config.model.num_classes)."]
+      "(label_names in the file, else config.data.class_names, else config.model.num_classes)."]
   assert not os.path.exists(tmp_path / "w" / "config.json")
 
 
+@pytest.mark.slow
 def test_the_command_writes_a_folder_dataset_as_the_trainer_reads_it(tmp_path):
   folder = make_image_folder(tmp_path / "photos", num_classes=3, per_class=6)
-  flags = ["--config=configs/cifar.py", f"--config.dataset=folder:{folder}",
-           "--config.image_size=16", "--config.folder_holdout=0.5"]
+  flags = ["--config=configs/cifar.py", f"--config.data.name=folder:{folder}",
+           "--config.input.image_size=16", "--config.data.folder_holdout=0.5"]
   result = subprocess.run([sys.executable, "-m", "mobilenet_jax.arrays", *flags,
                            f"--out={tmp_path}/photos_npz", "--chunk_mb=0.002"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -134,7 +137,8 @@ def test_the_command_writes_a_folder_dataset_as_the_trainer_reads_it(tmp_path):
   assert len(os.listdir(tmp_path / "photos_npz")) == 9  # 18 images of 16x16x3, 2 a chunk.
 
   config = cifar.get_config()
-  config.update(dataset=f"folder:{folder}", image_size=16, folder_holdout=0.5)
+  config.update_from_flattened_dict({"data.name": f"folder:{folder}", "input.image_size": 16,
+                                     "data.folder_holdout": 0.5})
   expected, _ = datasets.load(config)
   train, test, names = arrays.load(_config(tmp_path / "photos_npz"))
   for got, want in ((train, expected.train), (test, expected.test)):

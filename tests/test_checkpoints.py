@@ -10,6 +10,8 @@ import pytest
 from conftest import restore_latest
 from mobilenet_jax import checkpoints, train
 
+pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
+
 
 def _truncate(step_dir):
   """Halves every array file of a checkpoint, as a full disk or a partial copy leaves them."""

@@ -5,20 +5,30 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, run_mocked
 
+pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
+
 BAD_FLAGS = {  # flags -> what the one line must say
-    "negative lr": (["--config.learning_rate=-0.1"], "config.learning_rate=-0.1: must be > 0"),
-    "batch 0": (["--config.batch_size=0"], "config.batch_size=0: must be > 0"),
+    "negative lr": (["--config.schedule.learning_rate=-0.1"],
+                    "config.schedule.learning_rate=-0.1: must be > 0"),
+    "batch 0": (["--config.input.batch_size=0"],
+                "config.input.batch_size=0 must be a positive multiple"),
     "alpha 0": (["--config.model.alpha=0"], "config.model.alpha=0.0: must be > 0"),
     "unknown parallel": (["--config.parallel=dp"], "config.parallel='dp': expected one of"),
-    "image_size 4": (["--config.image_size=4"], "config.image_size=4: must be >= 8"),
+    "image_size 4": (["--config.input.image_size=4"], "config.input.image_size=4: must be >= 8"),
     "unknown preset": (["--config=configs/cifar.py:fast"], "Unknown preset 'fast' in configs/"),
     "field typo": (["--config.num_epoch=1"],
-                   "--config.num_epoch: no such field; did you mean 'num_epochs'?"),
+                   "--config.num_epoch: no such field; did you mean --config.num_epochs?"),
     "nested typo": (["--config.model.alfa=1"],
-                    "--config.model.alfa: no such field (every field"),
-    "missing config file": (["--config=configs/cifar10.py"], "No such file or directory"),
+                    "--config.model.alfa: no such field; did you mean --config.model.alpha?"),
+    "flat name": (["--config.batch_size=8"], "did you mean --config.input.batch_size?"),
+    "None for a value": (["--config.num_epochs=None"], "needs a value (it takes no None)"),
+    "wrong type": (["--config.seed=x"], "--config.seed=x: expected int."),
+    "no value": (["--config.seed"], "--config.seed: give a value, as --config.seed=VALUE."),
+    "missing config file": (["--config=configs/cifar10.py"], "no file configs/cifar10.py"),
 }
 
 
@@ -49,7 +59,7 @@ def test_a_missing_dataset_offline_fails_within_seconds_and_leaves_nothing(tmp_p
   data_dir.mkdir()
   start = time.time()
   result = subprocess.run([sys.executable, "run.py", "--config=configs/cifar.py:smoke",
-                           f"--config.data_dir={data_dir}", "--config.download=True",
+                           f"--config.data.dir={data_dir}", "--config.data.download=True",
                            f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, check=False)
   _one_error_line(result, f"Dataset 'cifar10' is not prepared in {data_dir}")

@@ -1,30 +1,37 @@
-"""Every preset: valid, buildable, and its schedule the rates it states."""
+"""Every preset: valid, buildable, and its schedule the rates it states; old config.json files."""
+import json
+import pathlib
+import re
+
 import numpy as np
 import pytest
 
 from configs import cifar, imagenet
-from mobilenet_jax import models, steps, summary, train
+from mobilenet_jax import config_lib, models, steps, summary, workdirs
 
-PRESETS = [(cifar, p) for p in ("", "torch", "quick", "smoke")] + [
-    (imagenet, p) for p in ("keras", "timm", "keras,cifar10", "timm,cifar10", "train")]
+DATA = pathlib.Path(__file__).parent / "data"
+
+PRESETS = [(cifar, p) for p in ("", *cifar.PRESETS)] + [(imagenet, p) for p in (
+    *imagenet.PRESETS, "keras,cifar10", "timm,cifar10")]
 
 
 @pytest.mark.parametrize("module, preset", PRESETS, ids=[f"{m.__name__}:{p}" for m, p in PRESETS])
 def test_every_preset_passes_the_checks_and_builds(module, preset, tmp_path):
   config = module.get_config(preset)
-  train.check_config(config, str(tmp_path))
-  table = summary.summarize(models.create_model(config.model), config.image_size)
+  config_lib.check_config(config, str(tmp_path))
+  table = summary.summarize(models.create_model(config.model), config.input.image_size)
   assert table.params > 0 and table.macs > 0
 
 
 @pytest.mark.parametrize("module, preset", PRESETS, ids=[f"{m.__name__}:{p}" for m, p in PRESETS])
 def test_every_presets_schedule_steps_through_its_rates_at_its_epochs(module, preset):
   config, steps_per_epoch = module.get_config(preset), 390
-  config = train.with_global_batch(config)
+  config = config_lib.with_global_batch(config)
   schedule = steps.learning_rate_schedule(config, steps_per_epoch)
-  scale = config.batch_size / config.lr_batch if config.lr_batch else 1.0
-  rates = [r * scale for r in (config.learning_rate, *config.lr_values)]
-  starts = (0, *(int(b * steps_per_epoch) for b in config.lr_boundaries))
+  reference = config.schedule.reference_batch
+  scale = config.input.batch_size / reference if reference else 1.0
+  rates = [r * scale for r in (config.schedule.learning_rate, *config.schedule.rates)]
+  starts = (0, *(int(b * steps_per_epoch) for b in config.schedule.boundaries))
   ends = (*starts[1:], config.num_epochs * steps_per_epoch)
   for rate, start, end in zip(rates, starts, ends):
     if start >= end:  # A boundary at or after the last epoch (smoke's at 2 of 2).
@@ -34,11 +41,69 @@ def test_every_presets_schedule_steps_through_its_rates_at_its_epochs(module, pr
 
 
 def test_imagenet_recipe_is_slims_scaled_to_the_global_batch(monkeypatch):
-  monkeypatch.setattr(train.jax, "process_count", lambda: 4)
-  config = train.with_global_batch(imagenet.get_config("train"))
-  assert config.batch_size == 256  # 64 per process.
+  monkeypatch.setattr(config_lib.jax, "process_count", lambda: 4)
+  config = config_lib.with_global_batch(imagenet.get_config("train"))
+  assert config.input.batch_size == 256  # 64 per process.
   schedule = steps.learning_rate_schedule(config, steps_per_epoch=100)
   # Slim: 0.045 for 64 images, staircase x0.94 every 2.5 epochs; here 4x the batch, 4x the rate.
   for epoch in (0, 2.4, 2.5, 7.6, 99.9):
     np.testing.assert_allclose(float(schedule(int(epoch * 100))),
                                4 * 0.045 * 0.94 ** (epoch // 2.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("saved, module, preset", [
+    ("config_flat_quick.json", cifar, "quick"),
+    ("config_flat_imagenet_train.json", imagenet, "train")])
+def test_a_flat_config_json_upgrades_to_the_preset_that_wrote_it(saved, module, preset):
+  # Written by the flat config of 2026-12-04 (before the groups), as config.json holds it.
+  flat = json.loads((DATA / saved).read_text())
+  assert json.loads(json.dumps(workdirs.upgrade(flat))) == json.loads(
+      module.get_config(preset).to_json())
+
+
+def test_command_line_values_parse_as_their_fields_and_none_undoes_a_preset():
+  config = imagenet.get_config("train")  # Sets input.per_process_batch_size and a folder.
+  config_lib.override(config, {
+      "input.per_process_batch_size": "None", "data.train_examples": "none", "seed": "3",
+      "schedule.boundaries": "(1, 2.5)", "schedule.rates": "0.1", "data.download": "False",
+      "optim.weight_decay": "1e-3", "data.name": "folder:/x,y", "eval.crop": "null"})
+  assert config.input.per_process_batch_size is None and config.data.train_examples is None
+  assert config.seed == 3 and config.schedule.boundaries == (1, 2.5)
+  assert config.schedule.rates == (0.1,) and config.data.download is False
+  assert config.optim.weight_decay == 1e-3 and config.data.name == "folder:/x,y"
+  assert config.eval.crop is None
+  config_lib.override(config, {"input.per_process_batch_size": "32", "eval.crop": "0.875"})
+  assert config.input.per_process_batch_size == 32 and config.eval.crop == 0.875
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"num_epochs": "None"}, "--config.num_epochs=None: this field needs a value"),
+    ({"seed": "1.5"}, "--config.seed=1.5: expected int."),
+    ({"data.download": "yes"}, "expected bool."),
+    ({"model": "x"}, "--config.model: no such field"),
+    ({"model.alfa": "1"}, "did you mean --config.model.alpha?"),
+    ({"dataset": "cifar100"}, "did you mean --config.data.name?"),
+    ({"eval_flip": "True"}, "did you mean --config.eval.flip?")])
+def test_a_bad_override_names_the_flag_and_the_fix(override, message):
+  with pytest.raises(config_lib.errors.ConfigError, match=message.replace("?", "\\?")):
+    config_lib.override(cifar.get_config(), override)
+
+
+def test_the_readme_and_the_docstrings_name_the_presets_that_exist():
+  root = DATA.parents[1]
+  readme = (root / "README.md").read_text()
+  table = readme[readme.index("## Presets and flags"):readme.index("## Results")]
+  named = {cell for row in re.findall(r"^\| (.+?) \|", table, re.M) for cell in
+           re.findall(r"`([^`]+)`", row)}
+  assert "*(none)*" in table
+  assert named == {*cifar.PRESETS, "configs/imagenet.py:keras", ":timm",
+                   "configs/imagenet.py:train"}
+  assert set(imagenet.PRESETS) == {"keras", "timm", "train"}
+  for module in (cifar, imagenet):  # Each preset's docstring holds its own command.
+    for name, preset in module.PRESETS.items():
+      assert f"{module.__name__.split('.')[-1]}.py:{name}" in preset.__doc__, name
+  texts = [readme, cifar.__doc__, imagenet.__doc__, (root / "docs" / "guide.md").read_text(),
+           *(p.__doc__ for m in (cifar, imagenet) for p in m.PRESETS.values())]
+  for module, preset in {m for text in texts for m in re.findall(
+      r"configs/(cifar|imagenet)\.py:([a-z0-9_,]+)", text)}:
+    {"cifar": cifar, "imagenet": imagenet}[module].get_config(preset)  # Raises if unknown.

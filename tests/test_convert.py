@@ -17,6 +17,8 @@ from configs import cifar
 from conftest import inference_logits
 from mobilenet_jax import convert, models
 
+pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
+
 RTOL_OF_MAX = 1e-5
 
 
@@ -255,7 +257,7 @@ def test_keras_applications_file_converts_to_the_same_logits_and_back(tmp_path, 
   model = models.create_model(config.model)
   _assert_close(inference_logits(model, variables, images), expected)
 
-  config.image_size = size
+  config.input.image_size = size
   convert.write("keras_app", variables, config, str(tmp_path / "back.h5"))
   back = _keras_app(alpha, size, weights=str(tmp_path / "back.h5"))
   _assert_close(np.asarray(back(images)), expected)
@@ -289,11 +291,11 @@ def test_a_keras_applications_file_of_another_alpha_or_top_is_named(tmp_path):
 def test_a_converted_keras_application_predicts_and_exports_with_its_logits(tmp_path):
   import PIL.Image  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import export, inference, predict, workdirs  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import export, images, predict, workdirs  # pylint: disable=g-import-not-at-top
   reference = _keras_app(0.25, 128)
   reference.save(tmp_path / "mobilenet.h5")
   config = _imagenet_config("keras", alpha=0.25)
-  config.image_size = 128
+  config.input.image_size = 128
   variables, _ = convert.read("keras_app", str(tmp_path / "mobilenet.h5"), config)
   workdir = str(tmp_path / "workdir")
   convert.write_workdir(config, variables, workdir, convert.default_labels("keras_app", 1000))
@@ -301,7 +303,7 @@ def test_a_converted_keras_application_predicts_and_exports_with_its_logits(tmp_
   PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
 
   # Keras applications' own preprocessing of the fitted image: x / 127.5 - 1.
-  fitted = inference.fit_image(photo, workdirs.load(workdir).config).astype(np.float32)
+  fitted = images.fit(photo, workdirs.load(workdir).config).astype(np.float32)
   assert fitted.shape == (128, 128, 3)
   expected = np.asarray(reference(fitted[None] / 127.5 - 1))
   probs = jax.nn.softmax(expected)[0]
@@ -420,7 +422,7 @@ def _fine_tune_start(config):
   from mobilenet_jax import steps, workdirs  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model)
   fresh = steps.create_train_state(model, steps.create_optimizer(config, 1),
-                                   jax.random.key(config.seed), config.image_size)
+                                   jax.random.key(config.seed), config.input.image_size)
   return model, fresh, workdirs.start_from(fresh, config)
 
 

@@ -1,5 +1,6 @@
 """Deployment: TFLite export matches JAX, predict prints class names, eval mode, clear errors."""
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from PIL import Image
 
 from conftest import ROOT, SHARED_TFDS, inference_logits, run_mocked, smoke_args
 from mobilenet_jax import export, input_pipeline, models, workdirs
+
+pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
 # The int8 test's training images: 10,000 gave 97.8% top-1 agreement on 500 test images, 5,000
 # only 93.2% (too little trained, margins too thin for int8), against the 95% it asks.
@@ -59,15 +62,20 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
   for workdir in (old, explicit):
     shutil.copytree(trained_workdir, workdir)
   (explicit / "config.json").write_text(json.dumps(config))
+  # Those fields came before the config's groups: a workdir without them has a flat config.
+  config = {old_name: config[new.split(".")[0]][new.split(".")[1]]
+            for old_name, new in workdirs.RENAMES.items()} | {
+                k: v for k, v in config.items() if k in ("mode", "seed", "num_epochs",
+                                                         "parallel", "init_from", "model")}
   del config["eval_flip"], config["model"]["kernel_init"], config["inference_chunk"]
   del config["eval_shift"], config["train_split"], config["eval_split"]
   for field in ("padding", "activation", "bn_momentum", "bn_epsilon"):
     del config["model"][field]
   (old / "config.json").write_text(json.dumps(config))
   trained = workdirs.load(str(old))
-  assert trained.config.eval_flip is False and trained.config.model.kernel_init == "he_normal"
-  assert trained.config.inference_chunk is None and trained.config.eval_shift == 0
-  assert (trained.config.train_split, trained.config.eval_split) == ("train", "test")
+  assert trained.config.eval.flip is False and trained.config.model.kernel_init == "he_normal"
+  assert trained.config.eval.chunk is None and trained.config.eval.shift == 0
+  assert (trained.config.data.train_split, trained.config.data.eval_split) == ("train", "test")
   assert trained.config.model.padding == "symmetric" and trained.config.model.bn_epsilon == 1e-5
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8))
   np.testing.assert_array_equal(workdirs.logits_fn(trained)(images),
@@ -86,8 +94,9 @@ def _expected_top(trained, image, top):
   h, w = image.shape[:2]
   side = min(h, w)
   square = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-  x = input_pipeline.resize(input_pipeline.normalize(square[None], config.mean, config.std),
-                            config.image_size)
+  x = input_pipeline.resize(
+      input_pipeline.normalize(square[None], config.input.mean, config.input.std),
+      config.input.image_size)
   logits = inference_logits(trained.model, trained.variables, x)[0].astype(np.float64)
   probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
   order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top]
@@ -161,7 +170,7 @@ def test_export_cli_writes_tflite_and_savedmodel_with_the_models_logits(trained_
   trained = workdirs.load(str(trained_workdir))
   pixels = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
   expected = inference_logits(trained.model, trained.variables, input_pipeline.normalize(
-      pixels, trained.config.mean, trained.config.std))
+      pixels, trained.config.input.mean, trained.config.input.std))
   tflite, saved = tmp_path / "m.tflite", tmp_path / "saved"
   for fmt, out in (("tflite", tflite), ("savedmodel", saved)):
     result = _export(f"--workdir={trained_workdir}", f"--format={fmt}", f"--out={out}")
@@ -191,11 +200,12 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
   from configs import cifar  # pylint: disable=g-import-not-at-top
   from mobilenet_jax import train  # pylint: disable=g-import-not-at-top
   config = cifar.get_config("quick")
-  config.update(data_dir=str(SHARED_TFDS), download=False, num_epochs=3, lr_boundaries=(1, 2),
-                lr_values=(0.08, 0.008), train_examples=TRAIN_IMAGES, eval_examples=500,
-                progress_bar=False,
-                # The export is the plain model: compare it with the same, no test-time views.
-                eval_flip=False, eval_shift=0)
+  config.update_from_flattened_dict({"data.dir": str(SHARED_TFDS), "data.download": False,
+                                     "num_epochs": 3, "schedule.boundaries": (1, 2),
+                                     "schedule.rates": (0.08, 0.008),
+                                     "data.train_examples": TRAIN_IMAGES, "data.eval_examples": 500,
+                                     "log.progress_bar": False, "eval.flip": False,
+                                     "eval.shift": 0})
   config.model.update(stem_stride=2, alpha=0.5, use_bias=False)
   train.train_and_evaluate(config, str(tmp_path))
   out = tmp_path / "int8.tflite"
@@ -210,11 +220,10 @@ def test_int8_tflite_agrees_with_jax_on_real_test_images(tmp_path):
 
 
 def test_a_workdir_written_before_lr_values_keeps_loading(tmp_path):
-  from configs import cifar  # pylint: disable=g-import-not-at-top
-  old = json.loads(cifar.get_config("quick").to_json())
+  old = json.loads((pathlib.Path(__file__).parent / "data" / "config_flat_quick.json").read_text())
   del old["lr_values"], old["eval_crop"], old["init_from"], old["model"]["dropout"]
   old["lr_decay"] = [5.0, 0.4, 0.4, 0.3, 0.3]
   (tmp_path / "config.json").write_text(json.dumps(old))
   config = workdirs.load_config(str(tmp_path))
-  np.testing.assert_allclose(config.lr_values, [0.08, 0.032, 0.0128, 0.00384, 0.001152])
+  np.testing.assert_allclose(config.schedule.rates, [0.08, 0.032, 0.0128, 0.00384, 0.001152])
   assert "lr_decay" not in config and config.model.dropout == 0.0 and config.init_from is None

@@ -21,6 +21,7 @@ def _blocked_imports(folder):
   return folder
 
 
+@pytest.mark.slow
 def test_the_check_runs_without_tensorflow_and_writes_its_tables(tmp_path):
   rng = np.random.default_rng(0)
   split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 32, 32, 3), np.uint8),

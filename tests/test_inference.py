@@ -62,7 +62,7 @@ def test_chunked_inference_equals_whole_batch_inference(smoke_config):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   logits = {}
   for chunk in (0, 5):  # 46 rows (flipped too): chunks of 5, the last one padded.
-    smoke_config.inference_chunk = chunk
+    smoke_config.eval.chunk = chunk
     logits[chunk] = jax.jit(lambda x: inference.eval_logits(
         state.apply_fn, variables, x, smoke_config, inference.Views(flip=True)))(images)
   assert logits[0].shape == (23, 10)
@@ -71,9 +71,9 @@ def test_chunked_inference_equals_whole_batch_inference(smoke_config):
 
 
 def test_inference_chunk_is_automatic_per_backend(smoke_config):
-  assert smoke_config.inference_chunk is None
+  assert smoke_config.eval.chunk is None
   assert inference.inference_chunk(smoke_config, "gpu") == 0
-  smoke_config.inference_chunk = 8
+  smoke_config.eval.chunk = 8
   assert inference.inference_chunk(smoke_config, "gpu") == 8
   assert inference.inference_chunk(smoke_config, "cpu") == 8
 
@@ -84,11 +84,34 @@ def test_inference_chunk_is_automatic_per_backend(smoke_config):
     ("torch", {"model.dtype": "bfloat16"}, 64),  # Half the bytes.
     ("quick", {}, 64),  # Stride 2, width 1.5: 16x16x96 floats, 96 KiB: 85 fit, so 64.
     ("", {}, 64),  # 64 KiB: 128 fit, capped at 64.
-    ("", {"image_size": 224}, 2),  # 112x112x64 floats, 3.1 MiB: 2.
-    ("", {"image_size": 1024}, 1),  # 64 MiB: one image at a time.
+    ("", {"input.image_size": 224}, 2),  # 112x112x64 floats, 3.1 MiB: 2.
+    ("", {"input.image_size": 1024}, 1),  # 64 MiB: one image at a time.
 ])
 def test_cpu_inference_chunk_keeps_the_largest_activation_within_8_mib(preset, overrides, chunk):
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config(preset)
   config.update_from_flattened_dict(overrides)
   assert inference.inference_chunk(config, "cpu") == chunk
+
+
+def test_training_folders_and_predict_read_the_same_formats_alike(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import errors, folders, images  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(0).integers(0, 256, (9, 13, 3), np.uint8)
+  lossless = {".png": {}, ".bmp": {}, ".webp": {"lossless": True}}
+  paths = [str(tmp_path / f"a{ext}") for ext in lossless]
+  for path, (_, options) in zip(paths, lossless.items()):
+    Image.fromarray(pixels).save(path, **options)
+  Image.fromarray(pixels).convert("L").save(tmp_path / "grey.jpg")
+  source = folders.FileSource((*paths, str(tmp_path / "grey.jpg")), np.zeros(4, np.int32))
+  for i, path in enumerate(paths):
+    np.testing.assert_array_equal(images.read(path), pixels)  # What predict reads.
+    np.testing.assert_array_equal(source.read(i), pixels)  # What a folder trains on.
+  grey = images.read(str(tmp_path / "grey.jpg"))
+  assert grey.shape == (9, 13, 3) and (grey[..., 0] == grey[..., 2]).all()
+  Image.fromarray(pixels).save(tmp_path / "a.gif")
+  with pytest.raises(errors.FileError, match=r"a\.gif: a GIF image; JPEG, PNG, BMP or WebP"):
+    images.read(str(tmp_path / "a.gif"))
+  with pytest.raises(folders.FolderError, match="a.txt: not a readable image.*Remove or replace"):
+    (tmp_path / "a.txt").write_text("not an image")
+    folders.FileSource((str(tmp_path / "a.txt"),), np.zeros(1, np.int32)).read(0)

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_TFDS
-from mobilenet_jax import input_pipeline, sampler
+from mobilenet_jax import images, input_pipeline, sampler
 
 
+@pytest.mark.slow
 def test_mock_load_shapes_dtypes_and_labels(mock_tfds, smoke_config):
   del mock_tfds
-  smoke_config.train_examples = None
-  smoke_config.eval_examples = None
+  smoke_config.data.train_examples = None
+  smoke_config.data.eval_examples = None
   data = input_pipeline.load(smoke_config)
   for split in (data.train, data.test):
     assert split.images.shape == (64, 32, 32, 3) and split.images.dtype == np.uint8
@@ -25,7 +26,8 @@ def test_the_subprocesses_mock_data_is_mock_tfds_data(mock_tfds, smoke_config, d
   """mock_run.py (the tests' run.py in a subprocess) gives what `mock_tfds` reads through tfds."""
   import mock_run  # pylint: disable=g-import-not-at-top
   del mock_tfds
-  smoke_config.update(dataset=dataset, train_examples=limits[0], eval_examples=limits[1])
+  smoke_config.update_from_flattened_dict({"data.name": dataset, "data.train_examples": limits[0],
+                                           "data.eval_examples": limits[1]})
   expected, mocked = input_pipeline.load(smoke_config), mock_run.mock_load(smoke_config)
   for split in ("train", "test"):
     for field in ("images", "labels"):
@@ -37,14 +39,14 @@ def test_the_subprocesses_mock_data_is_mock_tfds_data(mock_tfds, smoke_config, d
 
 def test_cifar100_loads(mock_tfds, smoke_config):
   del mock_tfds
-  smoke_config.dataset = "cifar100"
+  smoke_config.data.name = "cifar100"
   data = input_pipeline.load(smoke_config)
   assert data.num_classes == 100 and data.train.images.shape[1:] == (32, 32, 3)
 
 
 def test_grayscale_datasets_are_read_as_rgb(mock_tfds, smoke_config):
   del mock_tfds
-  smoke_config.dataset = "mnist"
+  smoke_config.data.name = "mnist"
   images = input_pipeline.load(smoke_config).train.images
   assert images.shape == (64, 28, 28, 3) and images.dtype == np.uint8 and images.std() > 0
   np.testing.assert_array_equal(images[..., 0], images[..., 1])
@@ -53,8 +55,9 @@ def test_grayscale_datasets_are_read_as_rgb(mock_tfds, smoke_config):
 
 def test_variable_size_images_are_read_at_image_size(mock_tfds, smoke_config):
   del mock_tfds
-  smoke_config.update({"dataset": "tf_flowers", "image_size": 24,
-                       "train_split": "train[:90%]", "eval_split": "train[90%:]"})
+  smoke_config.update_from_flattened_dict({"data.name": "tf_flowers", "input.image_size": 24,
+                                           "data.train_split": "train[:90%]",
+                                           "data.eval_split": "train[90%:]"})
   data = input_pipeline.load(smoke_config)
   assert data.train.images.shape == (64, 24, 24, 3) and data.test.images.shape == (40, 24, 24, 3)
   assert data.train.images.dtype == np.uint8 and data.num_classes == 5
@@ -64,7 +67,7 @@ def test_variable_size_images_keep_their_centre_square():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   image = np.zeros((20, 40, 3), np.uint8)
   image[:, 10:30] = 200  # The centre square; squashing would bring in the zero columns.
-  out = np.asarray(input_pipeline.square_and_resize(tf.constant(image), 16))
+  out = np.asarray(images.square_and_resize_tf(tf.constant(image), 16))
   assert out.shape == (16, 16, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out, 200)
 
@@ -73,8 +76,8 @@ def test_variable_size_images_keep_their_centre_square():
 def test_reading_a_variable_size_image_equals_predicts_crop_and_on_device_resize(h, w, size):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   image = np.random.default_rng(h).integers(0, 256, (h, w, 3), np.uint8)
-  read = np.asarray(input_pipeline.square_and_resize(tf.constant(image), size), np.float32)
-  square = input_pipeline.centre_square(image)
+  read = np.asarray(images.square_and_resize_tf(tf.constant(image), size), np.float32)
+  square = images.centre_square(image)
   assert square.shape == (min(h, w), min(h, w), 3)
   on_device = input_pipeline.resize(jnp.asarray(square, jnp.float32)[None], size)[0]
   np.testing.assert_allclose(read, on_device, atol=0.5 + 1e-3)  # Reading rounds to uint8.
@@ -84,11 +87,11 @@ def test_load_reports_the_data_statistics_when_mean_and_std_are_far_off(
     mock_tfds, smoke_config, caplog):
   del mock_tfds
   images = input_pipeline.load(smoke_config).train.images  # Random pixels: near CIFAR-10's.
-  assert "config.mean" not in caplog.text
-  smoke_config.mean = (30.0, 30.0, 30.0)
+  assert "config.input.mean" not in caplog.text
+  smoke_config.input.mean = (30.0, 30.0, 30.0)
   input_pipeline.load(smoke_config)
   mean = ", ".join(f"{m:.1f}" for m in images.reshape(-1, 3).astype(np.float64).mean(0))
-  assert f"--config.mean='({mean})'" in caplog.text and "--config.std='(" in caplog.text
+  assert f"--config.input.mean='({mean})'" in caplog.text and "--config.input.std='(" in caplog.text
 
 
 def test_normalization_is_per_channel(mock_tfds, smoke_config):
@@ -160,60 +163,64 @@ def test_eval_batches_cover_every_example_exactly_once(n, batch):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"augment": "rotate"}, "config.augment"), ({"image_size": 7}, "config.image_size"),
-    ({"batch_size": 12}, "config.batch_size=12 must be a positive multiple of the 8 devices"),
-    ({"augment": "crop", "alternate_flips": True},
-     "config.alternate_flips=True with config.augment='crop': there are no flips"),
-    ({"cutout": -8}, "config.cutout=-8: expected the side in pixels")])
+    ({"augment.name": "rotate"}, "config.augment.name"),
+    ({"input.image_size": 7}, "config.input.image_size"),
+    ({"input.batch_size": 12},
+     "config.input.batch_size=12 must be a positive multiple of the 8 devices"),
+    ({"augment.name": "crop", "augment.alternate_flips": True},
+     "config.augment.alternate_flips=True with config.augment.name='crop': there are no flips"),
+    ({"augment.cutout": -8}, "config.augment.cutout=-8: expected the side in pixels")])
 def test_bad_data_config_is_rejected(smoke_config, overrides, match):
-  smoke_config.update(overrides)
+  smoke_config.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=match):
     input_pipeline.check_config(smoke_config, num_devices=8)
 
 
 def test_unknown_and_non_image_datasets_are_rejected(smoke_config):
-  smoke_config.dataset = "cifar11"
+  smoke_config.data.name = "cifar11"
   with pytest.raises(ValueError, match="'cifar11' is not a tensorflow-datasets name"):
     input_pipeline.load(smoke_config)
-  smoke_config.dataset = "imdb_reviews"
+  smoke_config.data.name = "imdb_reviews"
   with pytest.raises(ValueError, match="not an image classification dataset"):
     input_pipeline.load(smoke_config)
 
 
 def test_missing_dataset_names_the_dir_and_both_fixes_in_one_line(smoke_config, tmp_path):
-  smoke_config.data_dir = str(tmp_path)
+  smoke_config.data.dir = str(tmp_path)
   with pytest.raises(input_pipeline.DatasetUnavailableError) as e:
     input_pipeline.load(smoke_config)
   message = str(e.value)
   assert message.startswith(f"Dataset 'cifar10' is not prepared in {tmp_path} (and "
-                            "config.download=False)") and "\n" not in message
-  assert "--config.data_dir (or $TFDS_DATA_DIR)" in message
-  assert "--config.download=True" in message
+                            "config.data.download=False)") and "\n" not in message
+  assert "--config.data.dir (or $TFDS_DATA_DIR)" in message
+  assert "--config.data.download=True" in message
 
 
 @pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),
                     reason="no prepared CIFAR-10 in ../shared")
 def test_splits_are_tfds_slices_and_an_unknown_one_is_named(smoke_config):
-  smoke_config.update({"data_dir": str(SHARED_TFDS), "train_examples": None,
-                       "eval_examples": None, "train_split": "train[:1000]",
-                       "eval_split": "train[49500:]"})
+  smoke_config.update_from_flattened_dict({"data.dir": str(SHARED_TFDS),
+                                           "data.train_examples": None, "data.eval_examples": None,
+                                           "data.train_split": "train[:1000]",
+                                           "data.eval_split": "train[49500:]"})
   data = input_pipeline.load(smoke_config)
   assert len(data.train.labels) == 1000 and len(data.test.labels) == 500
-  smoke_config.eval_split = "validation"
+  smoke_config.data.eval_split = "validation"
   with pytest.raises(input_pipeline.UnknownSplitError,
-                     match=r"config.eval_split='validation': Unknown split 'validation'.*"
-                     r"--config.eval_split='train\[90%:\]'"):
+                     match=r"config.data.eval_split='validation': Unknown split 'validation'.*"
+                     r"--config.data.eval_split='train\[90%:\]'"):
     input_pipeline.load(smoke_config)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(),
                     reason="no prepared CIFAR-10 in ../shared")
 def test_real_cifar10_from_shared_folder(smoke_config):
-  smoke_config.data_dir = str(SHARED_TFDS)
-  smoke_config.train_examples = None
-  smoke_config.eval_examples = None
+  smoke_config.data.dir = str(SHARED_TFDS)
+  smoke_config.data.train_examples = None
+  smoke_config.data.eval_examples = None
   data = input_pipeline.load(smoke_config)
   assert data.train.images.shape == (50_000, 32, 32, 3)
   assert data.test.images.shape == (10_000, 32, 32, 3)
   np.testing.assert_array_equal(np.bincount(data.train.labels), [5000] * 10)
-  np.testing.assert_allclose(data.train.images.mean((0, 1, 2)), smoke_config.mean, atol=0.1)
+  np.testing.assert_allclose(data.train.images.mean((0, 1, 2)), smoke_config.input.mean, atol=0.1)

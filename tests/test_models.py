@@ -187,6 +187,7 @@ def test_bad_model_config_is_rejected_by_name(field, value):
     models.create_model(model_config(**{field: value}))
 
 
+@pytest.mark.slow
 def test_summary_cli_prints_table_then_params_and_macs():
   out = subprocess.run([sys.executable, "-m", "mobilenet_jax.summary",
                         "--config=configs/cifar.py:torch", "--config.model.alpha=0.5"],

@@ -17,15 +17,18 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import latest_step, run_mocked, start_processes, wait_all, wait_for_checkpoint
-from mobilenet_jax import checkpoints
+from mobilenet_jax import checkpoints, workdirs
+
+pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
 REFERENCE_EPOCHS = 12
 STEPS_PER_EPOCH = 4  # 64 mock training examples in batches of 16.
 # The well-conditioned network of test_parallel.py (the 16x16 smoke one amplifies rounding).
-COMMON = ["--config=configs/cifar.py:smoke", "--config.download=False",
-          "--config.progress_bar=False", "--config.model.shallow=True", "--config.image_size=32",
-          "--config.model.stem_stride=1", "--config.keep_checkpoints=100",
-          "--config.heartbeat_timeout_s=10", "--config.distributed_timeout_s=30"]
+COMMON = ["--config=configs/cifar.py:smoke", "--config.data.download=False",
+          "--config.log.progress_bar=False", "--config.model.shallow=True",
+          "--config.input.image_size=32",
+          "--config.model.stem_stride=1", "--config.checkpoint.keep=100",
+          "--config.distributed.heartbeat_timeout_s=10", "--config.distributed.timeout_s=30"]
 # The most a run that should finish may take (~40 s here; a slow, loaded machine takes 3x).
 RUN_S = 300
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -44,7 +47,7 @@ def _state_at(workdir, step):
   config = cifar.get_config("smoke")
   config.model.update(shallow=True, stem_stride=1)
   template = checkpoints.state_template(config)
-  manager = checkpoints.Checkpointer(str(workdir), 100).manager
+  manager = checkpoints.Checkpointer(workdirs.checkpoint_dir(str(workdir)), 100).manager
   restored = manager.restore(step, args=ocp.args.StandardRestore(
       flax.serialization.to_state_dict(template)))
   manager.close()
@@ -141,9 +144,9 @@ def test_two_processes_train_as_one_then_a_preempted_and_killed_rerun_resumes_as
 
 
 @pytest.mark.parametrize("per_process, message", [
-    ([["--config.batch_size=16"], ["--config.batch_size=8"]],
-     r"config differs from process \d's in 1 field\(s\): config.batch_size="),
-    ([["--config.batch_size=15"], ["--config.batch_size=15"]],
+    ([["--config.input.batch_size=16"], ["--config.input.batch_size=8"]],
+     r"config differs from process \d's in 1 field\(s\): config.input.batch_size="),
+    ([["--config.input.batch_size=15"], ["--config.input.batch_size=15"]],
      "must be a positive multiple of the 2 devices of 2 processes"),
 ])
 def test_processes_that_cannot_run_together_both_stop_with_the_reason(tmp_path, per_process,
@@ -159,8 +162,8 @@ def test_processes_that_cannot_run_together_both_stop_with_the_reason(tmp_path, 
 
 def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
   start = time.time()
-  codes, logs = wait_all(_start(tmp_path / "run", "--config.distributed_timeout_s=5",
+  codes, logs = wait_all(_start(tmp_path / "run", "--config.distributed.timeout_s=5",
                              process_ids=[1]), timeout=BOUND_S)
   assert codes[0] not in (0, "timeout") and time.time() - start < BOUND_S
-  assert "did not answer within config.distributed_timeout_s=5" in logs[0], (
+  assert "did not answer within config.distributed.timeout_s=5" in logs[0], (
       logs[0][-3000:])

@@ -11,8 +11,11 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import restore_latest, run_mocked
+
+pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 # Batch sums run in a different order on 8 devices, so float32 results differ by ~1e-7 after
@@ -22,16 +25,16 @@ EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 # amplified it ~100x in the third step on one machine (1e-7, 6e-7, 6e-5 after steps 1-3), so
 # the runs stop after two.
 RTOL, ATOL = 1e-5, 1e-6
-WELL_CONDITIONED = ["--config.model.shallow=True", "--config.image_size=32",
+WELL_CONDITIONED = ["--config.model.shallow=True", "--config.input.image_size=32",
                     "--config.model.stem_stride=1"]
 
 
 def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
-  common = ["--config=configs/cifar.py:smoke", "--config.download=False", "--config.num_epochs=1",
-            "--config.train_examples=32", "--config.progress_bar=False",
-            "--config.inference_chunk=8",
-            "--config.eval_flip=True", "--config.eval_shift=2", "--config.alternate_flips=True",
-            "--config.cutout=8", *WELL_CONDITIONED]
+  common = ["--config=configs/cifar.py:smoke", "--config.data.download=False",
+            "--config.num_epochs=1", "--config.data.train_examples=32",
+            "--config.log.progress_bar=False", "--config.eval.chunk=8", "--config.eval.flip=True",
+            "--config.eval.shift=2", "--config.augment.alternate_flips=True",
+            "--config.augment.cutout=8", *WELL_CONDITIONED]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
   for name, (env, mode) in runs.items():
     result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}",
@@ -40,7 +43,7 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config("smoke")
   config.model.update(shallow=True, stem_stride=1)
-  config.image_size = 32
+  config.input.image_size = 32
   results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in runs}
   for name in ("jit8", "pmap8"):
     assert results[name]["test_examples"] == results["one"]["test_examples"] == 40

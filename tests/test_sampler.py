@@ -12,7 +12,7 @@ def _data(n=70):
 
 
 def test_an_epoch_takes_distinct_examples_and_the_next_one_another_order(smoke_config):
-  smoke_config.batch_size = 16
+  smoke_config.input.batch_size = 16
   s, data = sampler.Sampler(smoke_config, 70), _data()
   assert s.steps_per_epoch == 4  # 70 // 16: the last 6 of each permutation are skipped.
   labels = [np.asarray(s.batch(step, data, s.permutation(step))["label"]) for step in range(8)]
@@ -25,7 +25,8 @@ def test_an_epoch_takes_distinct_examples_and_the_next_one_another_order(smoke_c
 
 
 def test_a_device_slice_of_a_batch_is_that_slice_of_the_global_batch(smoke_config):
-  smoke_config.update(batch_size=16, cutout=4, alternate_flips=True)
+  smoke_config.update_from_flattened_dict({"input.batch_size": 16, "augment.cutout": 4,
+                                           "augment.alternate_flips": True})
   s, data = sampler.Sampler(smoke_config, 70), _data()
   perm = s.permutation(5)
   whole = s.batch(5, data, perm)
@@ -37,7 +38,7 @@ def test_a_device_slice_of_a_batch_is_that_slice_of_the_global_batch(smoke_confi
 
 
 def test_batches_depend_on_the_seed_and_step_only(smoke_config):
-  smoke_config.batch_size = 16
+  smoke_config.input.batch_size = 16
   a, b = sampler.Sampler(smoke_config, 70), sampler.Sampler(smoke_config, 70)
   smoke_config.seed = 1
   other = sampler.Sampler(smoke_config, 70)
@@ -50,7 +51,7 @@ def test_batches_depend_on_the_seed_and_step_only(smoke_config):
 
 
 def test_alternate_flips_replace_the_drawn_flips_and_invert_each_epoch(smoke_config):
-  smoke_config.update(batch_size=16, alternate_flips=True)
+  smoke_config.update_from_flattened_dict({"input.batch_size": 16, "augment.alternate_flips": True})
   s, data = sampler.Sampler(smoke_config, 64), _data(64)  # Every example in every epoch.
   def flips(epoch):
     out = np.zeros(64, bool)
@@ -61,7 +62,7 @@ def test_alternate_flips_replace_the_drawn_flips_and_invert_each_epoch(smoke_con
   first, second = flips(0), flips(1)
   np.testing.assert_array_equal(second, ~first)
   random = smoke_config.copy_and_resolve_references()
-  random.alternate_flips = False
+  random.augment.alternate_flips = False
   drawn = sampler.Sampler(random, 64).batch(0, data, s.permutation(0))["flip"]
   assert not np.array_equal(drawn, s.batch(0, data, s.permutation(0))["flip"])
 

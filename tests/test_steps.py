@@ -7,26 +7,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import fresh_state as _state, random_batch as _batch
 from mobilenet_jax import inference, input_pipeline, parallel, steps
 
 
 class _Traced:
-  """`config` with some fields replaced by traced values: one compile serves every value."""
+  """`config` with some fields ('group.name': value) replaced by traced values: one compile
+  serves every value."""
 
-  def __init__(self, config, **values):
+  def __init__(self, config, values):
     self._config, self._values = config, values
 
   def __getattr__(self, name):
-    return self._values[name] if name in self._values else getattr(self._config, name)
+    inner = {k.split(".", 1)[1]: v for k, v in self._values.items() if k.startswith(f"{name}.")}
+    value = self._values.get(name, getattr(self._config, name))
+    return _Traced(value, inner) if inner else value
 
 
 # Plain SGD steps: no augmentation, a rate that moves the weights; most step tests share them.
-_PLAIN = {"augment": "none", "learning_rate": 0.1, "momentum": 0.9}
+_PLAIN = {"augment.name": "none", "schedule.learning_rate": 0.1, "optim.momentum": 0.9}
 
 
-def _configured(config, **overrides):
+def _configured(config, overrides):
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(overrides)
   return config
@@ -37,13 +41,15 @@ def _stepper(config):
   smoothing are traced, so that a test's variants share one program (and, through XLA's
   cache, one compile)."""
   step = jax.jit(lambda s, b, decay, smoothing: steps.train_step(
-      s, b, jax.random.key(0), _Traced(config, weight_decay=decay, label_smoothing=smoothing)))
-  return lambda state, batch: step(state, batch, config.weight_decay, config.label_smoothing)
+      s, b, jax.random.key(0), _Traced(config, {"optim.weight_decay": decay,
+                                                   "augment.label_smoothing": smoothing})))
+  return lambda state, batch: step(state, batch, config.optim.weight_decay,
+                                   config.augment.label_smoothing)
 
 
-def _one_step(config, **overrides):
+def _one_step(config, overrides):
   """(state before, state after one step, metrics) with `overrides` of the config's fields."""
-  config = _configured(config, **overrides)
+  config = _configured(config, overrides)
   state = _state(config)
   return (state, *_stepper(config)(state, _batch(config)))
 
@@ -57,13 +63,14 @@ def _flat(tree):
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
 
 
+@pytest.mark.slow
 def test_the_first_update_is_nesterov_momentum_over_the_decayed_gradient(smoke_config):
   # The data gradient is the same with and without decay, so the updates differ by exactly
   # lr * (1 + momentum) * weight_decay * w on decayed kernels (Nesterov's first step is
   # (1 + m) g; heavy-ball momentum's would be g), and by nothing elsewhere.
-  lr, momentum, decay = _PLAIN["learning_rate"], _PLAIN["momentum"], 0.5
-  before, plain, _ = _one_step(smoke_config, weight_decay=0.0, **_PLAIN)
-  _, decayed, _ = _one_step(smoke_config, weight_decay=decay, **_PLAIN)
+  lr, momentum, decay = _PLAIN["schedule.learning_rate"], _PLAIN["optim.momentum"], 0.5
+  before, plain, _ = _one_step(smoke_config, {"optim.weight_decay": 0.0, **_PLAIN})
+  _, decayed, _ = _one_step(smoke_config, {"optim.weight_decay": decay, **_PLAIN})
   w, p, d = _flat(before.params), _flat(plain.params), _flat(decayed.params)
   decayed_paths = [k for k in w if k[-1] == "kernel" and "depthwise" not in k]
   assert len(decayed_paths) == 15  # Stem, 13 pointwise convolutions, head.
@@ -73,13 +80,15 @@ def test_the_first_update_is_nesterov_momentum_over_the_decayed_gradient(smoke_c
                                atol=1e-6 * float(np.abs(w[path]).max()), err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_label_smoothing_moves_the_head_bias_by_its_share_of_the_uniform(smoke_config):
   # The head bias's gradient is mean(softmax - target); smoothing by s changes the targets by
   # s * (1/K - onehot), so the biases after one step differ by lr (1 + m) s (mean onehot - 1/K).
-  lr, momentum, smoothing = _PLAIN["learning_rate"], _PLAIN["momentum"], 0.2
-  common = {**_PLAIN, "weight_decay": 0.0}
-  _, plain, plain_metrics = _one_step(smoke_config, label_smoothing=0.0, **common)
-  _, smoothed, smoothed_metrics = _one_step(smoke_config, label_smoothing=smoothing, **common)
+  lr, momentum, smoothing = _PLAIN["schedule.learning_rate"], _PLAIN["optim.momentum"], 0.2
+  common = {**_PLAIN, "optim.weight_decay": 0.0}
+  _, plain, plain_metrics = _one_step(smoke_config, {"augment.label_smoothing": 0.0, **common})
+  _, smoothed, smoothed_metrics = _one_step(smoke_config, {"augment.label_smoothing": smoothing,
+                                                               **common})
   onehot = np.eye(10)[np.asarray(_batch(smoke_config)["label"])]
   expected = -lr * (1 + momentum) * smoothing * (onehot.mean(0) - 0.1)
   np.testing.assert_allclose(smoothed.params["head"]["bias"] - plain.params["head"]["bias"],
@@ -88,12 +97,13 @@ def test_label_smoothing_moves_the_head_bias_by_its_share_of_the_uniform(smoke_c
   np.testing.assert_array_equal(plain_metrics["loss"], smoothed_metrics["loss"])
 
 
+@pytest.mark.slow
 def test_batchnorm_running_averages_decay_by_the_configured_momentum(smoke_config):
   # From mean 0 and variance 1, one step leaves momentum * init + (1 - momentum) * batch's.
   # Two momenta on the same batch must agree on the batch's statistics.
   stats = {}
   for m in (0.9, 0.99):
-    _, new, _ = _one_step(smoke_config, augment="none", **{"model.bn_momentum": m})
+    _, new, _ = _one_step(smoke_config, {"augment.name": "none", "model.bn_momentum": m})
     bn = new.batch_stats["stem"]["bn"]
     stats[m] = (np.asarray(bn["mean"]) / (1 - m), (np.asarray(bn["var"]) - m) / (1 - m))
   assert np.abs(stats[0.9][0]).max() > 1e-2  # The batch's mean is not zero.
@@ -141,8 +151,9 @@ def test_evaluation_over_a_split_counts_every_example_once(smoke_config):
     np.testing.assert_allclose(float(sums[k]), v, rtol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_the_training_loss_on_a_fixed_batch_falls(smoke_config):
-  config = _configured(smoke_config, **_PLAIN)
+  config = _configured(smoke_config, _PLAIN)
   state, batch, step = _state(config), _batch(config), _stepper(config)
   losses = []
   for _ in range(15):
@@ -156,8 +167,9 @@ def test_the_training_loss_on_a_fixed_batch_falls(smoke_config):
   assert float(sums["correct"]) == expected["correct"]
 
 
+@pytest.mark.slow
 def test_the_step_applies_the_flip_decisions_of_the_batch(smoke_config):
-  smoke_config.augment = "flip"
+  smoke_config.augment.name = "flip"
   state, batch = _state(smoke_config), _batch(smoke_config)
   step = functools.partial(_stepper(smoke_config), state)
   flipped = step({**batch, "flip": jnp.ones(16, bool)})
@@ -168,9 +180,10 @@ def test_the_step_applies_the_flip_decisions_of_the_batch(smoke_config):
   assert not np.allclose(flipped[1]["loss"], drawn[1]["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config):
-  smoke_config.update(augment="none", image_size=32)
-  with_cutout = _configured(smoke_config, cutout=6)
+  smoke_config.update_from_flattened_dict({"augment.name": "none", "input.image_size": 32})
+  with_cutout = _configured(smoke_config, {"augment.cutout": 6})
   state, batch = _state(smoke_config), _batch(with_cutout)
   erased = (input_pipeline.preprocess(batch["image"], with_cutout, batch) == 0).all(-1).sum((1, 2))
   assert 9 <= int(erased.min()) and int(erased.max()) == 36
@@ -179,9 +192,9 @@ def test_cutout_erases_a_square_of_each_training_image_in_the_step(smoke_config)
 
 
 def test_learning_rate_at_each_boundary(smoke_config):
-  smoke_config.learning_rate = 0.01
-  smoke_config.lr_boundaries = (100, 200)
-  smoke_config.lr_values = (0.001, 0.0001)
+  smoke_config.schedule.learning_rate = 0.01
+  smoke_config.schedule.boundaries = (100, 200)
+  smoke_config.schedule.rates = (0.001, 0.0001)
   spe = 390
   lr = steps.learning_rate_schedule(smoke_config, spe)
   for step, expected in [(0, 0.01), (100 * spe - 1, 0.01), (100 * spe, 0.001),

@@ -31,6 +31,7 @@ def test_ratios_pair_rounds_not_medians():
   assert throughput._median_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
 
 
+@pytest.mark.slow
 def test_a_row_divides_each_round_by_that_round_of_the_peer(monkeypatch):
   peer_rounds = iter([100.0, 300.0, 200.0])
   def peer():

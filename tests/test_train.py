@@ -1,6 +1,7 @@
 """The training run: determinism and the seed, resume, cadences, config errors, run.py end to end."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -9,13 +10,16 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import (assert_same_state, fresh_state, latest_step, restore_latest, run_mocked,
                       smoke_args, start_mocked)
-from mobilenet_jax import arrays, checkpoints, input_pipeline, metric_logging, steps, train
+from mobilenet_jax import arrays, checkpoints, config_lib, input_pipeline, metric_logging, steps
+from mobilenet_jax import train
 
 
+@pytest.mark.slow
 def test_final_evaluation_adds_the_translations_and_per_epoch_ones_do_not(
     mock_tfds, smoke_config, tmp_path):
   del mock_tfds
-  smoke_config.update(num_epochs=1, eval_flip=True, eval_shift=2, learning_rate=0.1)
+  smoke_config.update_from_flattened_dict({"num_epochs": 1, "eval.flip": True, "eval.shift": 2,
+                                           "schedule.learning_rate": 0.1})
   # BatchNorm statistics that move in 4 steps, and a rate that moves the weights (Keras' decay
   # 0.99 and 0.01 leave the logits so near uniform that the views hardly differ).
   smoke_config.model.bn_momentum = 0.9
@@ -24,7 +28,7 @@ def test_final_evaluation_adds_the_translations_and_per_epoch_ones_do_not(
   final = train.evaluate_checkpoint(smoke_config, str(tmp_path))
   assert final["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
   assert final["test_accuracy"] == results["test_accuracy"] and results["test_examples"] == 40
-  smoke_config.eval_shift = 0
+  smoke_config.eval.shift = 0
   unshifted = train.evaluate_checkpoint(smoke_config, str(tmp_path))
   assert unshifted["test_loss"] == pytest.approx(per_epoch["test_loss"], rel=1e-6)
   # The views must change the loss by far more than the 1e-6 the equalities above allow.
@@ -33,34 +37,35 @@ def test_final_evaluation_adds_the_translations_and_per_epoch_ones_do_not(
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("learning_rate", -0.1, "config.learning_rate=-0.1"),
+    ("schedule.learning_rate", -0.1, "config.schedule.learning_rate=-0.1"),
     ("parallel", "vmap", "config.parallel='vmap'"),
-    ("lr_boundaries", (20, 10), "strictly increasing"),
-    ("lr_values", (0.1,), "same length"),
-    ("lr_values", (0.1, 0.0), "positive rates"),
-    ("label_smoothing", 1.0, "config.label_smoothing=1.0"),
-    ("inference_chunk", -1, "config.inference_chunk=-1"),
-    ("eval_shift", -1, "config.eval_shift=-1"),
-    ("eval_shift", 16, "in \\[0, image_size=16\\)")])
+    ("schedule.boundaries", (20, 10), "strictly increasing"),
+    ("schedule.rates", (0.1,), "same length"),
+    ("schedule.rates", (0.1, 0.0), "positive rates"),
+    ("augment.label_smoothing", 1.0, "config.augment.label_smoothing=1.0"),
+    ("eval.chunk", -1, "config.eval.chunk=-1"),
+    ("eval.shift", -1, "config.eval.shift=-1"),
+    ("eval.shift", 16, "in \\[0, image_size=16\\)")])
 def test_bad_config_is_rejected_before_training(smoke_config, tmp_path, field, value, match):
-  smoke_config[field] = value
+  smoke_config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=match):
-    train.check_config(smoke_config, str(tmp_path))
+    config_lib.check_config(smoke_config, str(tmp_path))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_workdir_is_rejected(smoke_config, tmp_path):
   tmp_path.chmod(0o500)
   with pytest.raises(ValueError, match="--workdir=.* is not writable"):
-    train.check_config(smoke_config, str(tmp_path / "run"))
+    config_lib.check_config(smoke_config, str(tmp_path / "run"))
 
 
 def test_workdir_that_is_a_file_is_rejected(smoke_config, tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="is not writable"):
-    train.check_config(smoke_config, str(tmp_path / "file"))
+    config_lib.check_config(smoke_config, str(tmp_path / "file"))
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_run_and_another_seed_another(
     mock_tfds, smoke_config, tmp_path, monkeypatch):
   del mock_tfds
@@ -84,11 +89,13 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(
     assert not np.array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_a_dataset_of_variable_size_images_without_a_test_split_trains(
     mock_tfds, smoke_config, tmp_path):
   del mock_tfds
-  smoke_config.update({"dataset": "tf_flowers", "train_split": "train[:90%]",
-                       "eval_split": "train[90%:]", "num_epochs": 1})
+  smoke_config.update_from_flattened_dict({"data.name": "tf_flowers",
+                                           "data.train_split": "train[:90%]",
+                                           "data.eval_split": "train[90%:]", "num_epochs": 1})
   smoke_config.model.num_classes = 5
   results = train.train_and_evaluate(smoke_config, str(tmp_path))
   assert results["test_examples"] == 40 and np.isfinite(results["test_loss"])
@@ -96,12 +103,14 @@ def test_a_dataset_of_variable_size_images_without_a_test_split_trains(
     assert len(json.load(f)) == 5
 
 
+@pytest.mark.slow
 def test_resumes_at_every_cadence_equal_a_straight_run_and_prune_old_checkpoints(
     mock_tfds, smoke_config, tmp_path):
   del mock_tfds
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  smoke_config.update(alternate_flips=True, cutout=4, eval_every_epochs=2,
-                      checkpoint_every_epochs=2, keep_checkpoints=1)
+  smoke_config.update_from_flattened_dict({"augment.alternate_flips": True, "augment.cutout": 4,
+                                           "eval.every_epochs": 2, "checkpoint.every_epochs": 2,
+                                           "checkpoint.keep": 1})
   smoke_config.num_epochs = 4
   expected = train.train_and_evaluate(smoke_config, str(straight))
   for epochs in (1, 3, 4, 4):  # Each stop saves its last step; the last run finds it finished.
@@ -119,6 +128,51 @@ def test_resumes_at_every_cadence_equal_a_straight_run_and_prune_old_checkpoints
     assert last[key] == rows[-1][key], key
 
 
+@pytest.mark.slow
+def test_step_cadences_log_and_checkpoint_mid_epoch_and_change_nothing_else(
+    mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  every_step, every_third, resumed = (tmp_path / n for n in ("every_step", "every_third",
+                                                             "resumed"))
+  smoke_config.input.batch_size = 8  # 8 steps an epoch, 16 in all.
+  smoke_config.checkpoint.keep = 10
+  smoke_config.update_from_flattened_dict({"log.every_steps": 1, "checkpoint.every_steps": 3})
+  train.train_and_evaluate(smoke_config, str(every_step))
+  assert sorted(map(int, os.listdir(every_step / "checkpoints"))) == [3, 6, 8, 9, 12, 15, 16]
+  single = {r["step"]: r for r in metric_logging.read_metrics(str(every_step))}
+  assert sorted(single) == list(range(1, 17))  # Steps 8 and 16: the epochs' own rows.
+  smoke_config.update_from_flattened_dict({"log.every_steps": 3, "checkpoint.every_steps": None})
+  train.train_and_evaluate(smoke_config, str(every_third))
+  assert sorted(map(int, os.listdir(every_third / "checkpoints"))) == [8, 16]
+  third = {r["step"]: r for r in metric_logging.read_metrics(str(every_third))}
+  assert sorted(third) == [3, 6, 8, 9, 12, 15, 16]
+  # A step row averages the steps since the last row; an epoch's end starts anew.
+  windows = {3: (1, 2, 3), 6: (4, 5, 6), 9: (9,), 12: (10, 11, 12), 15: (13, 14, 15)}
+  for step, window in windows.items():
+    for key in ("train_loss", "train_accuracy"):
+      np.testing.assert_allclose(third[step][key], np.mean([single[s][key] for s in window]),
+                                 rtol=1e-6)
+    assert third[step]["learning_rate"] == single[step]["learning_rate"]
+  # Logging and mid-epoch checkpoints change nothing; a run resumed mid-epoch is the same run.
+  shutil.copytree(every_step, resumed)
+  for step in (6, 8, 9, 12, 15, 16):
+    shutil.rmtree(resumed / "checkpoints" / str(step))
+  train.train_and_evaluate(smoke_config, str(resumed))
+  for other in (every_third, resumed):
+    assert_same_state(restore_latest(every_step, smoke_config),
+                      restore_latest(other, smoke_config))
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_at_the_first_step_log(mock_tfds, smoke_config, tmp_path):
+  del mock_tfds
+  smoke_config.update_from_flattened_dict({"log.every_steps": 1, "schedule.learning_rate": 1e30})
+  with pytest.raises(FloatingPointError, match=r"in epoch 1 \(step [123]\)\. Stopped; no "
+                     "checkpoint was saved before it"):
+    train.train_and_evaluate(smoke_config, str(tmp_path))
+
+
+@pytest.mark.slow
 def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   stdout = (trained_workdir.parent / "trained.stdout").read_text()
   results = json.loads((trained_workdir / "results.json").read_text())
@@ -138,18 +192,21 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["4", "8"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     mock_tfds, smoke_config, tmp_path):
   del mock_tfds
   smoke_config.num_epochs = 1
   train.train_and_evaluate(smoke_config, str(tmp_path))
-  smoke_config.update(num_epochs=2, learning_rate=1e30, lr_values=(1e30, 1e30))
+  smoke_config.update_from_flattened_dict({"num_epochs": 2, "schedule.learning_rate": 1e30,
+                                           "schedule.rates": (1e30, 1e30)})
   with pytest.raises(FloatingPointError, match=r"The training loss became (nan|inf) in epoch 2 "
                      r"\(step 8\)\. Stopped; the last good checkpoint \(step 4\) is kept"):
     train.train_and_evaluate(smoke_config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
+@pytest.mark.slow
 def test_steady_state_loop_makes_no_host_to_device_transfer(mock_tfds, smoke_config):
   del mock_tfds
   from mobilenet_jax import input_pipeline, parallel  # pylint: disable=g-import-not-at-top
@@ -162,18 +219,19 @@ def test_steady_state_loop_makes_no_host_to_device_transfer(mock_tfds, smoke_con
   with jax.transfer_guard_host_to_device("disallow"):
     for _ in range(3):
       state, metrics = runner.train(state, train_data, perm)
-    assert float(runner.metrics(metrics)["count"]) == smoke_config.batch_size
+    assert float(runner.metrics(metrics)["count"]) == smoke_config.input.batch_size
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
       runner.train(state, train_data, np.asarray(perm))  # The guard does catch a host input.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("input_mode", ["device", "stream"])  # Streamed: the prefetcher stops.
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, input_mode):
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   workdir, log = tmp_path / "run", tmp_path / "log"
   proc = start_mocked(*smoke_args(workdir, "--config.num_epochs=100000",
-                                  f"--config.input={input_mode}"), log=log)
+                                  f"--config.input.mode={input_mode}"), log=log)
   deadline = time.time() + 300
   while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline:
     time.sleep(0.2)
@@ -183,6 +241,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, input_mode):
   assert saved > 4 and f"SIGTERM: saved the checkpoint at step {saved}" in log.read_text()
 
 
+@pytest.mark.slow
 def test_resuming_with_an_incompatible_config_says_so(mock_tfds, smoke_config, tmp_path):
   del mock_tfds
   smoke_config.num_epochs = 1
@@ -193,6 +252,7 @@ def test_resuming_with_an_incompatible_config_says_so(mock_tfds, smoke_config, t
     train.train_and_evaluate(smoke_config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, smoke_config,
                                                                   trained_workdir, tmp_path):
   """tfds -> `arrays.write` (in chunks) -> `npz:` trains what the tfds run trained, bit for bit."""
@@ -201,7 +261,7 @@ def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, smo
   files = arrays.write(data, str(tmp_path / "cifar10"), chunk_bytes=30 * 32 * 32 * 3)
   assert len(files) == 4
   workdir = tmp_path / "from_arrays"
-  result = run_mocked(*smoke_args(workdir, f"--config.dataset=npz:{tmp_path / 'cifar10'}"))
+  result = run_mocked(*smoke_args(workdir, f"--config.data.name=npz:{tmp_path / 'cifar10'}"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same_state(restore_latest(workdir, smoke_config),
                     restore_latest(trained_workdir, smoke_config))
