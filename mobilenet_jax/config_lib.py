@@ -71,10 +71,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(e)
 
 
-def from_flags() -> ml_collections.ConfigDict:
-  """The `--config` file's config with the command line's overrides."""
+def from_flags(default: str | None = None) -> ml_collections.ConfigDict:
+  """The `--config` file's config (or `default`'s, without one) with the command line's
+  overrides."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  return override(load(flags.FLAGS.config), _OVERRIDES)
+  return override(load(flags.FLAGS.config or default), _OVERRIDES)
 
 
 def command_line_overrides() -> dict[str, str]:
@@ -116,22 +117,24 @@ def override(config: ml_collections.ConfigDict,
     if not isinstance(node, ml_collections.ConfigDict) or name not in node or isinstance(
         node[name], ml_collections.ConfigDict):
       raise errors.ConfigError(_unknown(config, path))
-    with node.unlocked():
-      node[name] = _parse(path, text, *(_lookup(base, path) or _lookup(config, path)))
+    node[name] = _parse(path, text, *(_lookup(base, path) or _spec(node, name)))
   return config
 
 
 def _lookup(config, path: str):
-  """(type, optional) of `path` in `config`, or None where `config` lacks it."""
+  """`_spec` of `path` in `config`, or None where `config` lacks it."""
   *parents, name = path.split(".")
   for key in parents:
     config = config.get(key)
     if not isinstance(config, ml_collections.ConfigDict):
       return None
-  if name not in config:
-    return None
-  value = config[name]
-  return (config.get_type(name) if value is None else type(value)), value is None
+  return _spec(config, name) if name in config else None
+
+
+def _spec(node: ml_collections.ConfigDict, name: str):
+  """(type, whether it takes None) of field `name` of `node`: unset fields take None."""
+  value = node[name]
+  return (node.get_type(name) if value is None else type(value)), value is None
 
 
 def _parse(path: str, text: str, kind: type, optional: bool):

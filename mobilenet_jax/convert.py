@@ -431,8 +431,7 @@ def main(argv):
       write(f.format, trained.variables, trained.config, f.out)
       print(f"Wrote {f.out} from {f.workdir}.", flush=True)
       return 0
-    config = config_lib.override(config_lib.load(f.config or DEFAULT_CONFIGS[f.format]),
-                                 config_lib.command_line_overrides())
+    config = config_lib.from_flags(DEFAULT_CONFIGS[f.format])
     if f.format == "keras_app":
       config.model.alpha, config.input.image_size = f.alpha, f.image_size
     if not f.file and f.format != "keras_app":

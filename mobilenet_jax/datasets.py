@@ -26,7 +26,7 @@ def check_config(config) -> None:
   if config.input.prefetch < 1 or (config.input.workers is not None and config.input.workers < 1):
     raise errors.ConfigError(
         f"config.input.prefetch={config.input.prefetch}, config.input.workers="
-        f"{config.input.workers}: both must be >= 1 (input_workers None: one "
+        f"{config.input.workers}: both must be >= 1 (workers None: one "
         "thread per CPU core).")
   if config.augment.name == "inception" and not folders.is_folder(config.data.name):
     raise errors.ConfigError(

@@ -17,6 +17,5 @@ class WorkdirError(UserError, FileNotFoundError):
   """A workdir that lacks what the command reads (config.json, checkpoints)."""
 
 
-
 class FileError(UserError, ValueError):
   """A file named on the command line that cannot be used as asked (an image, a checkpoint)."""

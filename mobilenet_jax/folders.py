@@ -111,5 +111,6 @@ def load(config):
   for name, split in (("training", train), ("test", test)):
     if not len(split):
       raise FolderError(f"config.data.name={config.data.name!r}: no {name} images "
-                        f"({', '.join(images.EXTENSIONS)}) in the class subfolders of {root}: {hint}.")
+                        f"({', '.join(images.EXTENSIONS)}) in the class subfolders of {root}: "
+                        f"{hint}.")
   return train, test, tuple(classes)

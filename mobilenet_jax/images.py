@@ -33,11 +33,11 @@ def read(path: str) -> np.ndarray:
       if image.format not in FORMATS:
         raise errors.FileError(f"{path}: a {image.format} image; {expected}.")
       return np.asarray(image.convert("RGB"), np.uint8)
+  except errors.FileError:
+    raise
   except FileNotFoundError as e:
     raise errors.FileError(f"{path}: no such file.") from e
   except (UnidentifiedImageError, OSError, ValueError) as e:
-    if isinstance(e, errors.FileError):
-      raise
     raise errors.FileError(f"{path}: not a readable image ({e}); {expected}.") from e
 
 

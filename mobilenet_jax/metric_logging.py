@@ -7,8 +7,7 @@ import time
 
 from absl import logging
 
-from mobilenet_jax import workdirs
-
+METRICS_FILE = "metrics.jsonl"  # In the workdir: one JSON record per log.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
 
@@ -40,7 +39,7 @@ class MetricLogger:
     name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
     self.events = RecordWriter(open(os.path.join(workdir, name), "wb"))
     self._write_event(file_version="brain.Event:2")
-    self.jsonl = open(os.path.join(workdir, workdirs.METRICS_FILE), "a", encoding="utf-8")
+    self.jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
 
   def _write_event(self, **fields) -> None:
     from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
@@ -64,7 +63,7 @@ class MetricLogger:
 def read_metrics(workdir: str) -> list[dict]:
   """The records of `metrics.jsonl`; a resumed run's repeated steps keep their last value."""
   records = {}
-  with open(os.path.join(workdir, workdirs.METRICS_FILE), encoding="utf-8") as f:
+  with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
     for line in f:
       record = json.loads(line)
       records.setdefault(record["step"], {}).update(record)

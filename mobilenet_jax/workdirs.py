@@ -9,12 +9,12 @@ from absl import logging
 import jax
 import ml_collections
 
-from mobilenet_jax import checkpoints, errors, inference, models
+from mobilenet_jax import checkpoints, errors, inference, metric_logging, models
 
 CONFIG_FILE = "config.json"          # The run's config (load_config reads older ones too).
 LABELS_FILE = "label_names.json"     # The class names, in label order.
 RESULTS_FILE = "results.json"        # The final evaluation, speed and size.
-METRICS_FILE = "metrics.jsonl"       # One JSON record per log (metric_logging.py).
+METRICS_FILE = metric_logging.METRICS_FILE  # One JSON record per log.
 CHECKPOINTS_DIR = "checkpoints"      # Orbax checkpoints, one folder per step (checkpoints.py).
 
 # Where each field of the flat config (config.json written before 2026-12-05) went.
@@ -95,7 +95,7 @@ def write_results(workdir: str, results: dict) -> None:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """A workdir's config.json, in today's groups (`upgrade`: older ones too)."""
   config_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(config_path):
+  if not has_config(workdir):
     raise errors.WorkdirError(f"{config_path} does not exist: the workdir must be a folder that "
                               "`python run.py --workdir=...` trained in, or that "
                               "`python -m mobilenet_jax.convert` wrote.")
