@@ -101,6 +101,26 @@ class DepthwiseSeparable(nn.Module):
     return unit(self.features, 1, name="pointwise")(x)
 
 
+class Dropout(nn.Module):
+  """flax's `nn.Dropout` (the same key, the same mask) for a batch split over a pmap axis: each
+  device draws the mask of the whole global batch and keeps its own rows, so that every
+  example's mask is the one a single device would draw, whatever the device count."""
+  rate: float
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not train or self.rate == 0:
+      return x
+    rows, first = x.shape[0], 0
+    if self.axis_name is not None:
+      first = jax.lax.axis_index(self.axis_name) * rows
+      rows *= jax.lax.psum(1, self.axis_name)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.rate, (rows, *x.shape[1:]))
+    keep = jax.lax.dynamic_slice_in_dim(keep, first, x.shape[0])
+    return jnp.where(keep, x / (1 - self.rate), 0)
+
+
 class MobileNetV1(nn.Module):
   """MobileNetV1 classifier; `__call__(x, train)` takes NHWC images of any size."""
   num_classes: int = 10
@@ -132,7 +152,7 @@ class MobileNetV1(nn.Module):
       x = DepthwiseSeparable(width(features), conv, norm, strides, name=f"block{i + 1}",
                              **layout)(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, self.axis_name)(x, train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 

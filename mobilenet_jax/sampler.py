@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 SAMPLER_SEED_OFFSET = 1  # The sampler's key is key(seed + 1): key(seed) initializes the model.
-DROPOUT_STREAM = 1       # fold_in(step key, 1): dropout (per device under pmap: its index too).
+DROPOUT_STREAM = 1       # fold_in(step key, 1): dropout, for the whole global batch.
 CUTOUT_STREAM = 2        # fold_in(step key, 2): cutout centres.
 
 
@@ -27,10 +27,10 @@ def init_key(seed: int):
   return jax.random.key(seed)
 
 
-def dropout_key(step_key, device_index=None):
-  """Dropout's key for a step (and a device, under pmap)."""
-  key = jax.random.fold_in(step_key, DROPOUT_STREAM)
-  return key if device_index is None else jax.random.fold_in(key, device_index)
+def dropout_key(step_key):
+  """Dropout's key for a step: every device draws the global batch's mask from it
+  (`models.Dropout`)."""
+  return jax.random.fold_in(step_key, DROPOUT_STREAM)
 
 
 def host_rng(seed: int, step: int, position: int) -> np.random.Generator:

@@ -105,8 +105,7 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   """
   images = input_pipeline.preprocess(batch["image"], config, draws=batch)
   # Drawn only with config.model.dropout > 0; the augmentation draws used the key itself.
-  dropout_key = sampler.dropout_key(rng, None if axis_name is None else
-                                    jax.lax.axis_index(axis_name))
+  dropout_key = sampler.dropout_key(rng)
 
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},

@@ -8,12 +8,14 @@ Each run is a separate process (`run.py` on mock data), since the number of
 simulated CPU devices is fixed when JAX starts.
 """
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import restore_latest, run_mocked
+from conftest import ROOT, restore_latest, run_mocked
 
 pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
@@ -55,3 +57,48 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
     assert int(state.step) == 2
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
       np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+# One train step with dropout from one state on one batch, by each runner on 8 devices, and
+# the dropout masks alone: printed for the test to compare.
+_DROPOUT_STEPS = """
+import json, sys
+import jax, numpy as np
+from configs import cifar
+from mobilenet_jax import input_pipeline, models, parallel, steps
+config = cifar.get_config("smoke")
+config.model.update(dropout=0.5, shallow=True, stem_stride=1)  # WELL_CONDITIONED.
+config.input.image_size = 32
+rng = np.random.default_rng(0)
+split = input_pipeline.Split(rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
+                             rng.integers(0, 10, (64,), np.int32))
+params = {}
+for mode in ("jit", "pmap"):
+  config.parallel = mode
+  runner = parallel.create_runner(config, 64)
+  state = runner.put_state(steps.create_train_state(
+      models.create_model(config.model, axis_name=runner.axis_name),
+      steps.create_optimizer(config, 4), jax.random.key(0), 32))
+  state, _ = runner.train(state, runner.put_train_data(split), runner.shuffle(state))
+  params[mode] = [np.asarray(x).tolist() for x in
+                             jax.tree.leaves(runner.get_state(state).params)]
+dropout = lambda axis, rows: models.Dropout(0.5, axis).apply(
+    {}, np.ones((rows, 64), np.float32), True, rngs={"dropout": jax.random.key(3)})
+masks = {"one": np.asarray(jax.jit(lambda: dropout(None, 16))()).tolist(),
+         "pmap": np.asarray(jax.pmap(lambda _: dropout("d", 2), axis_name="d")(np.arange(8))
+                            ).reshape(16, 64).tolist()}
+print(json.dumps({"params": params, "masks": masks}))
+"""
+
+
+def test_under_pmap_each_device_drops_what_one_device_would_drop_of_the_whole_batch():
+  result = subprocess.run([sys.executable, "-c", _DROPOUT_STEPS], cwd=ROOT, check=False,
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, **EIGHT_DEVICES})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.splitlines()[-1])
+  masks = {k: np.asarray(v) for k, v in out["masks"].items()}
+  assert set(np.unique(masks["one"])) == {0.0, 2.0}  # Kept values scaled by 1 / (1 - 0.5).
+  np.testing.assert_array_equal(masks["pmap"], masks["one"])
+  for a, b in zip(out["params"]["pmap"], out["params"]["jit"]):  # Rounding apart: equal.
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
