@@ -35,10 +35,12 @@ class _Runner:
 
   def _evaluate(self, state, images, labels, mask, views):
     """Metric sums over the eval batches, on the test-time `views` (`inference.Views`)."""
+    def sums(batch):
+      return steps.eval_step(state, *batch, self.config, views)
     def body(total, batch):
-      metrics = steps.eval_step(state, *batch, self.config, views)
-      return jax.tree.map(jnp.add, total, metrics), None
-    zeros = {"loss": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+      return jax.tree.map(jnp.add, total, sums(batch)), None
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(sums, (images[0], labels[0], mask[0])))
     return jax.lax.scan(body, zeros, (images, labels, mask))[0]
 
 

@@ -123,9 +123,18 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   return state, metrics
 
 
+TOP_K = 5  # Evaluations count top-5 hits beside top-1 (ImageNet results quote both).
+
+
 def eval_step(state: TrainState, images, labels, mask, config, views: inference.Views):
-  """Metric sums over one (padded) batch, with BatchNorm in inference mode."""
+  """Metric sums over one batch whose padding rows have `mask` 0, with BatchNorm in inference
+  mode: loss, top-1 and top-5 hits, count, and the confusion matrix (rows: the true class)."""
   logits = inference.eval_logits(state.apply_fn,
                                  {"params": state.params, "batch_stats": state.batch_stats},
                                  images, config, views)
-  return _metrics(logits, labels, mask)
+  num_classes = logits.shape[-1]
+  top_k = jax.lax.top_k(logits, min(TOP_K, num_classes))[1]
+  truth = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+  return {**_metrics(logits, labels, mask),
+          "correct_top5": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+          "confusion": truth.T @ jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)}

@@ -231,7 +231,8 @@ def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
   if finished or epoch % config.eval.every_epochs == 0:
     evaluation = _sum(runner.metrics(run.feed.evaluate(run.state,
                                                        inference.Views.of(config, shift=False))))
-    scalars.update({k: v for k, v in _test_results(evaluation).items() if k != "test_examples"})
+    scalars.update({k: v for k, v in _test_results(evaluation, per_class=False).items()
+                    if k != "test_examples"})
   if run.logger:
     run.logger.write(run.step, scalars)
   if (finished or epoch % config.checkpoint.every_epochs == 0 or
@@ -251,8 +252,9 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
              "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
   if run.logger:
     workdirs.write_results(run.workdir, results)
-    print(f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
-          f"examples (loss {results['test_loss']:.4f})", flush=True)
+    print(f"test accuracy {results['test_accuracy']:.4f} (top-5 "
+          f"{results['test_top5_accuracy']:.4f}) on {results['test_examples']} examples (loss "
+          f"{results['test_loss']:.4f})", flush=True)
   return results
 
 
@@ -267,8 +269,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   finally:
     feed.close()
   results = {**_test_results(test), "step": int(state.step)}
-  print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} on "
-        f"{results['test_examples']} examples (loss {results['test_loss']:.4f})", flush=True)
+  print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} (top-5 "
+        f"{results['test_top5_accuracy']:.4f}) on {results['test_examples']} examples (loss "
+        f"{results['test_loss']:.4f})", flush=True)
   return results
 
 
@@ -290,13 +293,24 @@ def _load(config):
   return data, runner, parallel.DeviceFeed(runner, data)
 
 
-def _test_results(sums) -> dict:
-  return {"test_accuracy": sums["correct"] / sums["count"],
-          "test_loss": sums["loss"] / sums["count"], "test_examples": int(sums["count"])}
+def _test_results(sums, per_class: bool = True) -> dict:
+  """An evaluation's results; `per_class`: with each class's accuracy and the confusion
+  matrix (rows: the true class, columns: the predicted one)."""
+  count = sums["count"]
+  results = {"test_accuracy": sums["correct"] / count,
+             "test_top5_accuracy": sums["correct_top5"] / count,
+             "test_loss": sums["loss"] / count, "test_examples": int(count)}
+  if per_class:
+    confusion = np.asarray(sums["confusion"])
+    results["test_per_class_accuracy"] = (np.diag(confusion) /
+                                          np.maximum(confusion.sum(1), 1)).tolist()
+    results["test_confusion"] = confusion.astype(int).tolist()
+  return results
 
 
 def _sum(metrics) -> dict:
-  """Adds up per-step (or per-batch) metric sums fetched from device."""
+  """Adds up per-step (or per-batch) metric sums fetched from device: scalars become floats."""
   if isinstance(metrics, dict):
     metrics = [metrics]
-  return {k: float(np.sum([m[k] for m in metrics], dtype=np.float64)) for k in metrics[0]}
+  sums = {k: np.sum([m[k] for m in metrics], axis=0, dtype=np.float64) for k in metrics[0]}
+  return {k: float(v) if v.ndim == 0 else v for k, v in sums.items()}

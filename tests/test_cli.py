@@ -75,8 +75,9 @@ def test_eval_reads_the_workdirs_config_and_a_bad_override_is_one_line(trained_w
   result = run_mocked("--config=configs/cifar.py:torch", "--config.mode=eval",
                       f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
-  accuracy = json.loads((trained_workdir / "results.json").read_text())["test_accuracy"]
-  assert f"step 8: test accuracy {accuracy:.4f} on 40 examples" in result.stdout  # As trained.
+  trained = json.loads((trained_workdir / "results.json").read_text())
+  assert (f"step 8: test accuracy {trained['test_accuracy']:.4f} (top-5 "
+          f"{trained['test_top5_accuracy']:.4f}) on 40 examples") in result.stdout  # As trained.
   result = run_mocked("--config=configs/cifar.py", "--config.mode=eval",
                       "--config.model.alpha=0.5", f"--workdir={workdir}")
   _one_error_line(result, "does not fit the configured model")

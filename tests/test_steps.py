@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import fresh_state as _state, random_batch as _batch
-from mobilenet_jax import inference, input_pipeline, parallel, steps
+from mobilenet_jax import inference, input_pipeline, parallel, steps, train
 
 
 class _Traced:
@@ -149,6 +149,35 @@ def test_evaluation_over_a_split_counts_every_example_once(smoke_config):
                             split.labels)
   for k, v in expected.items():
     np.testing.assert_allclose(float(sums[k]), v, rtol=1e-5, err_msg=k)
+
+
+def test_padding_rows_that_the_model_would_classify_correctly_are_never_counted(smoke_config):
+  # Every image, the all-zero padding rows included, gets the logits of the head's bias: class
+  # 0 first, then 1..4 (top-5). Padding rows carry label 0, so each would be a top-1 and top-5
+  # hit and a diagonal count of class 0 if the mask were missing anywhere.
+  state = _state(smoke_config)
+  bias = np.linspace(3.0, 0.0, 10).astype(np.float32)
+  params = flax.core.unfreeze(state.params)
+  params["head"] = {"kernel": np.zeros_like(params["head"]["kernel"]), "bias": bias}
+  state = state.replace(params=params)
+  rng = np.random.default_rng(4)
+  labels = rng.integers(1, 10, (21,), np.int32)  # 21 in batches of 16: 11 padding rows.
+  labels[:3] = 0
+  split = input_pipeline.Split(rng.integers(0, 256, (21, 16, 16, 3), np.uint8), labels)
+  runner = parallel.create_runner(smoke_config, 64)
+  sums = train._sum(runner.metrics(runner.evaluate(
+      runner.put_state(state), *runner.put_eval_data(split), inference.Views())))
+  results = train._test_results(sums)  # pylint: disable=protected-access
+  confusion = np.zeros((10, 10))
+  np.add.at(confusion, (labels, 0), 1)  # Every example predicted as class 0.
+  loss = np.log(np.exp(bias).sum()) - bias[labels]
+  assert results["test_examples"] == 21
+  np.testing.assert_allclose(results["test_accuracy"], np.mean(labels == 0))
+  np.testing.assert_allclose(results["test_top5_accuracy"], np.mean(labels < 5))
+  np.testing.assert_allclose(results["test_loss"], loss.mean(), rtol=1e-6)
+  np.testing.assert_array_equal(results["test_confusion"], confusion)
+  np.testing.assert_allclose(results["test_per_class_accuracy"],
+                             [1.0] + [0.0] * 9)  # Class 0: its 3 examples; padding not among them.
 
 
 @pytest.mark.slow
