@@ -1,6 +1,10 @@
 """Orbax checkpoints of the TrainState in a folder (`workdirs.checkpoint_dir`), with automatic
 resume."""
+import errno
+import glob
+import logging as std_logging
 import os
+import shutil
 import sys
 
 from absl import logging
@@ -20,6 +24,10 @@ class MismatchedCheckpointError(errors.UserError, ValueError):
 
 class DamagedCheckpointError(errors.UserError, RuntimeError):
   """A checkpoint's files cannot be read."""
+
+
+class SaveError(errors.UserError, OSError):
+  """A checkpoint could not be written (a full disk, a lost mount): the earlier ones stand."""
 
 
 def _path(keys) -> str:
@@ -42,25 +50,78 @@ def _silence_abandoned_reads() -> None:
     sys.unraisablehook = hook
 
 
-class Checkpointer:
-  """Saves host copies of the state; restores the latest one into a template state."""
+class _HoldBackOrbaxErrors(std_logging.Filter):
+  """Drops orbax's ERROR records: a failed save logs its error, with a traceback, once per
+  writer thread (four times for one full disk); `Checkpointer.save` says it once instead."""
 
-  def __init__(self, directory: str, keep: int):
+  def filter(self, record) -> bool:
+    return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _disk_size(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(folder, name))
+             for folder, _, names in os.walk(path) for name in names)
+
+
+def _megabytes(n: int) -> str:
+  return f"{n / 2**20:.1f} MB"
+
+
+class Checkpointer:
+  """Saves host copies of the state; restores the latest one into a template state.
+
+  `writer`: the run that holds the workdir's lock, which alone may clean up the unfinished
+  saves of a run that was killed (a reader must not: they may be a running save).
+  """
+
+  def __init__(self, directory: str, keep: int, writer: bool = False):
     self.directory = os.path.abspath(directory)
     _silence_abandoned_reads()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=writer))
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, state) -> None:
-    """`state` must be a host (unreplicated) TrainState."""
+    """`state` must be a host (unreplicated) TrainState. A save that fails to write (a full
+    disk) raises SaveError, which says what it needs; the earlier checkpoints stay as they are
+    (orbax writes a temporary folder and renames it when complete)."""
     step = int(state.step)
-    if step not in self.manager.all_steps():
+    if step in self.manager.all_steps():
+      return
+    held_back = _HoldBackOrbaxErrors()
+    std_logging.getLogger("absl").addFilter(held_back)
+    try:
       self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+    except Exception as e:  # pylint: disable=broad-except
+      if not (isinstance(e, OSError) or "os_error_code" in str(e)):
+        raise
+      raise SaveError(self._save_failure(step, state, e)) from e
+    finally:
+      std_logging.getLogger("absl").removeFilter(held_back)
+
+  def _save_failure(self, step: int, state, error) -> str:
+    """What failed, what a checkpoint needs, and what is kept. The partial save is removed now
+    where it can be (one process; orbax's threads may still be writing into it), and by the
+    next run's writer (`cleanup_tmp_directories`) in any case."""
+    if jax.process_count() == 1:
+      for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    latest = self.manager.latest_step()
+    needed = (_disk_size(os.path.join(self.directory, str(latest))) if latest is not None else
+              sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)))
+    reason = ("no space left on the device" if "No space left" in str(error) or
+              getattr(error, "errno", None) == errno.ENOSPC else multihost.first_line(error))
+    kept = (f"The checkpoints up to step {latest} are kept: free" if latest is not None else
+            "No earlier checkpoint was saved: free")
+    return (f"Could not save the checkpoint at step {step} in {self.directory}: {reason}. A "
+            f"checkpoint takes about {_megabytes(needed)} there "
+            f"({_megabytes(shutil.disk_usage(self.directory).free)} free). {kept} that much, "
+            "then rerun the same command to resume.")
 
   def restore(self, template):
     """The newest readable checkpoint into `template`'s structure, or `template` if there is none.

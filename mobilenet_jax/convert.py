@@ -383,14 +383,15 @@ def write_workdir(config, variables, workdir: str, label_names) -> None:
   state = checkpoints.state_template(config).replace(params=variables["params"],
                                                      batch_stats=variables["batch_stats"])
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(workdir),
-                                         config.checkpoint.keep)
-  try:
-    checkpointer.save(jax.device_get(state))
-  finally:
-    checkpointer.close()
-  workdirs.write_config(workdir, config)
-  workdirs.save_label_names(workdir, label_names)
+  with workdirs.lock(workdir):
+    checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(workdir),
+                                           config.checkpoint.keep, writer=True)
+    try:
+      checkpointer.save(jax.device_get(state))
+    finally:
+      checkpointer.close()
+    workdirs.write_config(workdir, config)
+    workdirs.save_label_names(workdir, label_names)
 
 
 def read(fmt: str, file, config, include_top: bool = True) -> tuple[dict, bool]:

@@ -19,3 +19,7 @@ class WorkdirError(UserError, FileNotFoundError):
 
 class FileError(UserError, ValueError):
   """A file named on the command line that cannot be used as asked (an image, a checkpoint)."""
+
+
+class WorkdirBusyError(UserError):
+  """A workdir that another run holds (its lock, `workdirs.Lock`)."""

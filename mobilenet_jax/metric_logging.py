@@ -52,7 +52,7 @@ class MetricLogger:
         summary_pb2.Summary.Value(tag=name, simple_value=float(value))
         for name, value in scalars.items()]))
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
+    self.jsonl.flush()  # The whole line in one write: a reader sees it whole or not at all.
     logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
   def close(self) -> None:
@@ -60,11 +60,17 @@ class MetricLogger:
     self.jsonl.close()
 
 
+def complete_records(text: str) -> list[dict]:
+  """The rows of a metrics.jsonl's `text`, without a last line still being (or never fully)
+  written: each row is one write of a whole line."""
+  return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `metrics.jsonl`; a resumed run's repeated steps keep their last value."""
+  """The records of `metrics.jsonl`; repeated steps (a resumed run's, in workdirs from before
+  resumes trimmed the file) keep their last value."""
   records = {}
   with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
+    for record in complete_records(f.read()):
       records.setdefault(record["step"], {}).update(record)
   return [records[s] for s in sorted(records)]

@@ -20,6 +20,7 @@ same program as one process with all the devices. Three things make that safe:
 """
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -37,9 +38,15 @@ _CONFIG_KEY = "mobilenet_jax/config/{}"
 EXIT_BARRIER_MS = 10_000  # How long a failed process waits for its peers to fail too.
 
 
+# XLA prefixes a failure once for every queued computation that it reached (a dozen steps).
+_DISPATCH = re.compile(r"(Error dispatching computation: )+")
+# A collective that lost its peer: gloo (CPU) and NCCL (GPU) report the broken connection.
+_LOST_PEER = re.compile(r"(gloo|nccl).*(connection|closed|reset|peer|socket)", re.IGNORECASE)
+
+
 def first_line(error: BaseException) -> str:
   """'Type: first line of the message', for one-line reports of long (XLA, orbax) errors."""
-  text = str(error).strip()
+  text = _DISPATCH.sub("", str(error).strip())
   return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
@@ -159,13 +166,46 @@ def check_same_config(config) -> None:
         f"{', '.join('config.' + f for f in IDENTITY_FIELDS)} may differ.")
 
 
+def on_process_0(fn, what: str, timeout_s: float):
+  """`fn()` on process 0 alone (e.g. taking the workdir's lock); on the others None. A UserError
+  it raises is raised on every process, with its message: all stop together, before compiling."""
+  if jax.process_count() == 1:
+    return fn()
+  client, key = _client(), f"mobilenet_jax/{what}"
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except errors.UserError as e:
+      if client:
+        client.key_value_set(key, str(e) or type(e).__name__)
+      raise
+    if client:
+      client.key_value_set(key, "")
+    return result
+  if client:
+    failure = client.blocking_key_value_get(key, int(1000 * timeout_s))
+    if failure:
+      raise errors.UserError(f"process 0 failed ({what}): {failure}")
+  return None
+
+
 def exit_after_failure(error: BaseException, checkpoint_dir: str) -> None:
-  """Prints `error` and ends this process with status 1 (see the module docstring)."""
-  traceback.print_exception(error, file=sys.stderr)
-  print(f"Process {jax.process_index()} of {jax.process_count()} stopped: "
-        f"{first_line(error).rstrip('.')}. If another process failed first, this one "
-        "followed it. Rerun all processes with the same command: they resume from the last "
-        f"checkpoint in {checkpoint_dir}.", file=sys.stderr, flush=True)
+  """Says once why this process stops and ends it with status 1 (see the module docstring).
+
+  A lost peer and a user's error are one line; anything else (a bug) keeps its traceback.
+  """
+  me = f"Process {jax.process_index()} of {jax.process_count()}"
+  rerun = ("Rerun all processes with the same command: they resume from the last checkpoint "
+           f"in {checkpoint_dir}.")
+  if _LOST_PEER.search(str(error)):
+    print(f"{me} lost another process: a collective failed ({first_line(error).rstrip('.')}); "
+          "that process stopped or its host went down, and its own log says why. " + rerun,
+          file=sys.stderr, flush=True)
+  else:
+    if not isinstance(error, errors.UserError):
+      traceback.print_exception(error, file=sys.stderr)
+    print(f"{me} stopped: {first_line(error).rstrip('.')}. If another process failed first, "
+          "this one followed it. " + rerun, file=sys.stderr, flush=True)
   sys.stdout.flush()
   logging.flush()
   # Peers that fail with this one (a config error all of them find) need a moment to report it:

@@ -77,6 +77,7 @@ class _Run:
   """What the phases of a run share: set up once, `state` and `step` advanced by each epoch."""
   config: Any
   workdir: str
+  lock: Any  # workdirs.Lock: checked before each write.
   runner: Any  # parallel.JitRunner or parallel.PmapRunner
   summary: summary_lib.Summary
   checkpointer: checkpoints.Checkpointer
@@ -105,26 +106,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = config_lib.with_global_batch(config)
   config_lib.check_config(config, workdir)
   start = time.time()
-  run = _set_up(config, workdir)
-  throughput, stop, last_eval = Throughput(), _StopRequested(), None
-  try:
-    while run.step < run.total_steps:
-      sums = _train_epoch(run, throughput, stop)
-      if stop.requested:
-        run.checkpointer.save(run.runner.get_state(run.state))
-        logging.warning("SIGTERM: saved the checkpoint at step %d; rerun to resume.", run.step)
-        return {}
-      last_eval = _end_epoch(run, sums, throughput)
-  finally:
-    stop.restore()
-    run.feed.close()
-    run.checkpointer.close()
-    if run.logger:
-      run.logger.close()
-  return _final_results(run, last_eval, throughput, time.time() - start)
+  with workdirs.lock(workdir, config.distributed.timeout_s) as lock:
+    run = _set_up(config, workdir, lock)
+    throughput, stop, last_eval = Throughput(), _StopRequested(), None
+    try:
+      while run.step < run.total_steps:
+        sums = _train_epoch(run, throughput, stop)
+        if stop.requested:
+          _save(run)
+          logging.warning("SIGTERM: saved the checkpoint at step %d; rerun to resume.", run.step)
+          return {}
+        last_eval = _end_epoch(run, sums, throughput)
+    finally:
+      stop.restore()
+      run.feed.close()
+      run.checkpointer.close()
+      if run.logger:
+        run.logger.close()
+    return _final_results(run, last_eval, throughput, time.time() - start)
 
 
-def _set_up(config, workdir: str) -> _Run:
+def _set_up(config, workdir: str, lock) -> _Run:
   """Data on the devices, the model's summary, and the state: resumed, `init_from`, or new."""
   chief = jax.process_index() == 0
   data, runner, feed = _load(config)
@@ -132,7 +134,7 @@ def _set_up(config, workdir: str) -> _Run:
   if chief:
     print(summary.table(), flush=True)
   checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(workdir),
-                                         config.checkpoint.keep)
+                                         config.checkpoint.keep, writer=True)
   state = checkpointer.restore(steps.create_train_state(
       models.create_model(config.model, axis_name=runner.axis_name),
       steps.create_optimizer(config, runner.steps_per_epoch), sampler.init_key(config.seed),
@@ -145,9 +147,10 @@ def _set_up(config, workdir: str) -> _Run:
   if chief:
     workdirs.write_config(workdir, config)
     workdirs.save_label_names(workdir, data.label_names)
-  return _Run(config, workdir, runner, summary, checkpointer,
-              metric_logging.MetricLogger(workdir) if chief else None, runner.put_state(state),
-              step, step, feed)
+    workdirs.trim_metrics(workdir, step)
+  logger = metric_logging.MetricLogger(workdir) if chief else None
+  return _Run(config, workdir, lock, runner, summary, checkpointer, logger,
+              runner.put_state(state), step, step, feed)
 
 
 def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dict:
@@ -177,7 +180,7 @@ def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dic
           _log_steps(run, _sum(runner.metrics(metrics[logged:])))
           logged = len(metrics)
         if run.step < epoch_end and _due(run.step, config.checkpoint.every_steps):
-          run.checkpointer.save(runner.get_state(run.state))
+          _save(run)
         if run.step % 50 == 0:
           loss = float(runner.metrics(step_metrics)["loss"]) / config.input.batch_size
           bar.set_postfix(loss=f"{loss:.3f}")
@@ -185,6 +188,17 @@ def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dic
   bar.close()
   throughput.stop(run.step, config.input.batch_size)
   return sums
+
+
+def _save(run: _Run) -> None:
+  run.lock.check()
+  run.checkpointer.save(run.runner.get_state(run.state))
+
+
+def _log(run: _Run, scalars: dict) -> None:
+  run.lock.check()
+  if run.logger:
+    run.logger.write(run.step, scalars)
 
 
 def _due(step: int, every: int | None) -> bool:
@@ -216,8 +230,7 @@ def _log_steps(run: _Run, sums: dict) -> None:
   epoch, in `_end_epoch`)."""
   with jax.transfer_guard_host_to_device("allow"):  # The rate: the schedule at the step.
     scalars = _train_scalars(run, sums)
-  if run.logger:
-    run.logger.write(run.step, scalars)
+  _log(run, scalars)
 
 
 def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
@@ -233,11 +246,10 @@ def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
                                                        inference.Views.of(config, shift=False))))
     scalars.update({k: v for k, v in _test_results(evaluation, per_class=False).items()
                     if k != "test_examples"})
-  if run.logger:
-    run.logger.write(run.step, scalars)
+  _log(run, scalars)
   if (finished or epoch % config.checkpoint.every_epochs == 0 or
       _due(run.step, config.checkpoint.every_steps)):
-    run.checkpointer.save(runner.get_state(run.state))
+    _save(run)
   return evaluation if finished else None
 
 
@@ -250,6 +262,7 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
   results = {**_test_results(last_eval), "epochs": config.num_epochs,
              "params": run.summary.params, "macs": run.summary.macs,
              "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
+  run.lock.check()
   if run.logger:
     workdirs.write_results(run.workdir, results)
     print(f"test accuracy {results['test_accuracy']:.4f} (top-5 "

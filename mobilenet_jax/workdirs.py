@@ -1,21 +1,31 @@
-"""A workdir's files, owned here: their names, config.json (old ones included), label names,
-results, the checkpoints' folder, the latest trained variables, and `init_from`, which starts
-a new run from a workdir. train, convert, predict and export all read and write through it."""
+"""A workdir's files, owned here: the lock of the one run that writes it, their names,
+config.json (old ones included), label names, results, the checkpoints' folder, the latest
+trained variables, and `init_from`, which starts a new run from a workdir. train, convert,
+predict and export all read and write through it; only a lock's holder writes."""
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import socket
+import threading
+import time
+import uuid
 
 from absl import logging
 import jax
 import ml_collections
 
-from mobilenet_jax import checkpoints, errors, inference, metric_logging, models
+from mobilenet_jax import checkpoints, errors, inference, metric_logging, models, multihost
 
 CONFIG_FILE = "config.json"          # The run's config (load_config reads older ones too).
 LABELS_FILE = "label_names.json"     # The class names, in label order.
 RESULTS_FILE = "results.json"        # The final evaluation, speed and size.
 METRICS_FILE = metric_logging.METRICS_FILE  # One JSON record per log.
 CHECKPOINTS_DIR = "checkpoints"      # Orbax checkpoints, one folder per step (checkpoints.py).
+LOCK_FILE = "run.lock"               # Who writes the workdir now (`Lock`).
+HEARTBEAT_S = 30     # How often the lock's holder touches it...
+STALE_AFTER_S = 300  # ...and how old its last touch may be before another host takes it over.
 
 # Where each field of the flat config (config.json written before 2026-12-05) went.
 RENAMES = {
@@ -75,9 +85,157 @@ def _write(workdir: str, name: str, text: str) -> None:
   """Writes the file whole or not at all: a temporary file, then a rename over the old one."""
   path = os.path.join(workdir, name)
   temporary = f"{path}.tmp.{os.getpid()}"
-  with open(temporary, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(temporary, path)
+  try:
+    with open(temporary, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())  # Renamed before its data reach the disk, a crash could leave it empty.
+    os.replace(temporary, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    raise errors.WorkdirError(f"Could not write {path} ({e.strerror or e}): free space there or "
+                              "fix its permissions, then rerun to resume.") from e
+
+
+class Lock:
+  """The workdir's lock: one run writes a workdir at a time; `take` it before writing anything.
+
+  The lock is the file LOCK_FILE, holding the holder's host, pid, start time and a
+  random token. It is created by linking a complete temporary file to its name, which
+  fails if the name exists: atomic on local disks and on NFS (v2 on), without `flock`,
+  which many NFS mounts do not honour. The holder's thread touches the file every
+  HEARTBEAT_S. A lock whose holder is gone is taken over: on the same host when its pid
+  no longer runs; from another host (a dead node) once the file is STALE_AFTER_S old,
+  by this host's clock (clusters keep their clocks within seconds by NTP). A taken-over
+  holder that still lives finds its token gone at its next heartbeat and stops at its
+  next write (`check`).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.token = uuid.uuid4().hex
+    self.lost = None  # Set by the heartbeat: who holds the lock now, if not this run.
+    self._stop = threading.Event()
+    self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock")
+
+  def take(self) -> "Lock":
+    """Takes the lock, or raises WorkdirBusyError naming its holder."""
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "pids": _pid_namespace(),
+            "token": self.token, "since": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S UTC")}
+    temporary = f"{self.path}.{self.token}"
+    with open(temporary, "w", encoding="utf-8") as f:
+      json.dump(mine, f)
+    try:
+      for _ in range(3):  # A holder that leaves or a takeover between two looks: look again.
+        with contextlib.suppress(FileExistsError):
+          os.link(temporary, self.path)
+          self._beat.start()
+          return self
+        holder = self._holder()
+        if holder and not self._gone(holder):
+          raise errors.WorkdirBusyError(
+              f"{os.path.dirname(self.path)} is in use by another run: pid {holder['pid']} on "
+              f"{holder['host']}, since {holder['since']} ({self.path}). Wait for it to end or "
+              "stop it, or pass another --workdir. A lock left by a killed run is taken over "
+              f"when its pid is gone, from another host after {STALE_AFTER_S} s without a "
+              "heartbeat.")
+        if holder:
+          self._take_over(holder)
+      raise errors.WorkdirBusyError(f"{self.path} changed hands three times while this run "
+                                    "tried to take it: another run is starting; rerun later.")
+    finally:
+      os.remove(temporary)
+
+  def _holder(self):
+    """The lock file's contents and age, or None once it is gone."""
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        return {**json.load(f), "age_s": time.time() - os.stat(self.path).st_mtime}
+    except (FileNotFoundError, json.JSONDecodeError):
+      return None
+
+  @staticmethod
+  def _gone(holder) -> bool:
+    if holder["age_s"] > STALE_AFTER_S:
+      return True
+    if (holder["host"], holder.get("pids")) != (socket.gethostname(), _pid_namespace()):
+      return False  # Another host, or a container on this one: its pids are not ours to see.
+    try:
+      os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+      return True
+    except PermissionError:  # Another user's process: alive.
+      pass
+    return False
+
+  def _take_over(self, holder) -> None:
+    """Moves the stale lock aside, unless it changed meanwhile (then it goes back)."""
+    aside = f"{self.path}.stale.{self.token}"
+    with contextlib.suppress(FileNotFoundError):
+      os.rename(self.path, aside)
+      with open(aside, encoding="utf-8") as f:
+        moved = json.load(f)
+      if moved["token"] != holder["token"]:  # A new holder's: give it back.
+        with contextlib.suppress(FileExistsError):
+          os.link(aside, self.path)
+      else:
+        logging.warning("Took over the lock of pid %s on %s (since %s): that run is gone.",
+                        holder["pid"], holder["host"], holder["since"])
+      os.remove(aside)
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_S):
+      holder = self._holder()
+      if (not holder or holder["token"] != self.token) and not self._stop.is_set():
+        self.lost = holder or {"pid": "?", "host": "(removed)"}
+        logging.error("The lock %s was taken over by pid %s on %s: this run stops at its next "
+                      "write.", self.path, self.lost["pid"], self.lost["host"])
+        return
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
+
+  def check(self) -> None:
+    """Raises unless this run still holds the lock (called before each write)."""
+    if self.lost:
+      raise errors.WorkdirBusyError(
+          f"{self.path} was taken over by pid {self.lost['pid']} on {self.lost['host']} while "
+          "this run's heartbeat stalled: stopped so that two runs do not write one workdir.")
+
+  def release(self) -> None:
+    self._stop.set()
+    self._beat.join()
+    holder = self._holder()
+    if holder and holder["token"] == self.token:
+      os.remove(self.path)
+
+
+def _pid_namespace() -> str | None:
+  """Which pids this process sees: containers that share a host name each have their own."""
+  try:
+    return os.readlink("/proc/self/ns/pid")
+  except OSError:
+    return None
+
+
+class _NoLock:
+  """A process of a multi-process run other than 0: process 0 holds the run's lock."""
+
+  def check(self) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def lock(workdir: str, timeout_s: float = 60):
+  """Holds `workdir`'s lock for one run (every process of it: process 0 takes it, and the others
+  wait up to `timeout_s` to hear whether it could)."""
+  held = multihost.on_process_0(lambda: Lock(workdir).take(), "workdir lock", timeout_s)
+  try:
+    yield held or _NoLock()
+  finally:
+    if held:
+      held.release()
 
 
 def write_config(workdir: str, config) -> None:
@@ -90,6 +248,17 @@ def save_label_names(workdir: str, label_names) -> None:
 
 def write_results(workdir: str, results: dict) -> None:
   _write(workdir, RESULTS_FILE, json.dumps(results, indent=2))
+
+
+def trim_metrics(workdir: str, step: int) -> None:
+  """Keeps the metrics.jsonl rows up to `step` (where a run resumes): a killed run's later rows,
+  and a line it left half-written, go, so that each step has one row, of one run."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      rows = metric_logging.complete_records(f.read())
+    _write(workdir, METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows
+                                          if row["step"] <= step))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

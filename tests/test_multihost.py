@@ -6,8 +6,10 @@ mismatched configs and an absent coordinator into clear, bounded errors.
 """
 import json
 import os
-import signal
 import re
+import signal
+import socket
+import subprocess
 import time
 
 import flax
@@ -17,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import latest_step, run_mocked, start_processes, wait_all, wait_for_checkpoint
-from mobilenet_jax import checkpoints, workdirs
+from mobilenet_jax import checkpoints, multihost, workdirs
 
 pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
@@ -91,6 +93,7 @@ def _assert_one_epoch_as_the_reference(workdir, reference, parallel):
   assert len(json.loads((workdir / "label_names.json").read_text())) == 10
   assert not [f for f in os.listdir(workdir) if f.startswith(".write_test")]
   assert sorted(os.listdir(workdir / "checkpoints")) == [str(STEPS_PER_EPOCH)]
+  assert not (workdir / workdirs.LOCK_FILE).exists()
 
 
 def test_two_processes_under_pmap_train_as_one_process_with_two_devices(reference, tmp_path):
@@ -113,6 +116,8 @@ def test_two_processes_train_as_one_then_a_preempted_and_killed_rerun_resumes_as
   # and exit cleanly.
   runs = _start(workdir, "--config.num_epochs=1000")
   wait_for_checkpoint(runs, workdir, 2 * STEPS_PER_EPOCH)
+  holder = json.loads((workdir / workdirs.LOCK_FILE).read_text())  # Process 0's, for both.
+  assert holder["pid"] == runs[0][0].pid, holder
   runs[1][0].send_signal(signal.SIGTERM)
   codes, logs = wait_all(runs, timeout=BOUND_S)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
@@ -130,7 +135,11 @@ def test_two_processes_train_as_one_then_a_preempted_and_killed_rerun_resumes_as
   assert f"Resuming from the checkpoint at step {saved}" in logs[0], logs[0][-3000:]
   assert codes[0] not in (0, "timeout"), logs[0][-3000:]
   assert time.time() - killed_at < BOUND_S
-  assert "Process 0 of 2 stopped" in logs[0] and "Rerun all processes" in logs[0], logs[0][-3000:]
+  # Said once, in one line: which kind of failure, what to do.
+  lost = [line for line in logs[0].splitlines() if line.startswith("Process 0 of 2 ")]
+  assert len(lost) == 1 and "Error dispatching" not in lost[0], logs[0][-3000:]
+  assert re.match(r"Process 0 of 2 lost another process: a collective failed \(.*(reset|closed)"
+                  r".*Rerun all processes", lost[0]), lost[0]
 
   # Rerun once more to the end of the epoch after the last checkpoint: as if never stopped.
   last = latest_step(workdir)
@@ -160,6 +169,24 @@ def test_processes_that_cannot_run_together_both_stop_with_the_reason(tmp_path, 
     assert re.search(message, log), log[-3000:]
 
 
+def test_a_held_workdir_stops_every_process_naming_the_holder_and_nothing_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen(["sleep", "120"])
+  (workdir / workdirs.LOCK_FILE).write_text(json.dumps({
+      "host": socket.gethostname(), "pid": holder.pid, "pids": os.readlink("/proc/self/ns/pid"),
+      "token": "theirs", "since": "2026-12-04 08:00:00 UTC"}))
+  try:
+    codes, logs = wait_all(_start(workdir), timeout=BOUND_S)
+  finally:
+    holder.kill()
+    holder.wait()
+  for code, log in zip(codes, logs):
+    assert code not in (0, "timeout"), log[-3000:]
+    assert f"is in use by another run: pid {holder.pid} on {socket.gethostname()}" in log, log
+  assert os.listdir(workdir) == [workdirs.LOCK_FILE]
+
+
 def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
   start = time.time()
   codes, logs = wait_all(_start(tmp_path / "run", "--config.distributed.timeout_s=5",
@@ -167,3 +194,12 @@ def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
   assert codes[0] not in (0, "timeout") and time.time() - start < BOUND_S
   assert "did not answer within config.distributed.timeout_s=5" in logs[0], (
       logs[0][-3000:])
+
+
+def test_xlas_repeated_dispatch_prefixes_are_said_once():
+  error = RuntimeError("UNKNOWN: " + "Error dispatching computation: " * 12 + "Gloo all-reduce "
+                       "failed: [pair.cc:538] Read error [10.0.0.7]:58798: Connection reset by "
+                       "peer\n(the rest)")
+  assert multihost.first_line(error) == (
+      "RuntimeError: UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error "
+      "[10.0.0.7]:58798: Connection reset by peer")

@@ -1,7 +1,13 @@
-"""The training run: determinism and the seed, resume, cadences, config errors, run.py end to end."""
+"""The training run: determinism and the seed, resume, cadences, config errors, run.py end to
+end, and the faults of a shared cluster (a busy workdir, a killed run's lock, a full disk)."""
+import errno
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import time
 
 import jax
 import numpy as np
@@ -11,7 +17,33 @@ from tensorboard.backend.event_processing import event_accumulator
 from conftest import (assert_same_state, fresh_state, latest_step, restore_latest, run_mocked,
                       smoke_args, start_mocked)
 from mobilenet_jax import arrays, checkpoints, config_lib, input_pipeline, metric_logging, steps
-from mobilenet_jax import train
+from mobilenet_jax import train, workdirs
+
+TIMING = ("wall_s", "train_images_per_s")  # What two equal runs may differ in.
+
+
+def _untimed(record: dict) -> dict:
+  return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def _assert_same_run(workdir, reference, config):
+  """`workdir` holds what `reference` holds: the final state, config, every metrics row (once)
+  and the results, timing aside."""
+  assert_same_state(restore_latest(workdir, config), restore_latest(reference, config))
+  read = lambda folder, name: (folder / name).read_text()
+  assert read(workdir, "config.json") == read(reference, "config.json")
+  rows = lambda folder: [_untimed(json.loads(line)) for line in
+                         read(folder, "metrics.jsonl").splitlines()]
+  assert rows(workdir) == rows(reference)
+  assert (_untimed(json.loads(read(workdir, "results.json"))) ==
+          _untimed(json.loads(read(reference, "results.json"))))
+
+
+def _wait_for(path, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert proc.poll() is None and time.time() < deadline, f"no {path}; exit code {proc.poll()}"
+    time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -267,6 +299,70 @@ def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, smo
                     restore_latest(trained_workdir, smoke_config))
   read = lambda folder, name: json.loads((folder / name).read_text())
   assert read(workdir, "label_names.json") == read(trained_workdir, "label_names.json")
-  timing = ("wall_s", "train_images_per_s")
-  untimed = lambda results: {k: v for k, v in results.items() if k not in timing}
-  assert untimed(read(workdir, "results.json")) == untimed(read(trained_workdir, "results.json"))
+  assert _untimed(read(workdir, "results.json")) == _untimed(read(trained_workdir, "results.json"))
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_workdir_refuses_and_a_killed_runs_lock_is_taken_over(
+    smoke_config, trained_workdir, tmp_path):
+  workdir, lock = tmp_path / "run", tmp_path / "run" / workdirs.LOCK_FILE
+  first = start_mocked(*smoke_args(workdir), log=tmp_path / "first.log")
+  _wait_for(lock, first)
+  first.send_signal(signal.SIGSTOP)  # Holding the lock, as a run in the middle of its work.
+  try:
+    files = sorted(os.listdir(workdir))
+    second = run_mocked(*smoke_args(workdir, "--config.schedule.learning_rate=0.2",
+                                    "--config.seed=1"))
+    assert second.returncode == 1
+    assert re.fullmatch(rf"error: {workdir} is in use by another run: pid {first.pid} on "
+                        rf"{socket.gethostname()}, since .* UTC .*\n", second.stderr), second.stderr
+    assert sorted(os.listdir(workdir)) == files
+  finally:
+    first.send_signal(signal.SIGCONT)
+  assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+  _assert_same_run(workdir, trained_workdir, smoke_config)  # As if it had been alone.
+  assert not lock.exists()
+
+  # A run killed with its lock in place: the rerun takes it over and resumes.
+  killed = start_mocked(*smoke_args(workdir, "--config.num_epochs=100000"),
+                        log=tmp_path / "killed.log")
+  _wait_for(workdir / "checkpoints" / "12", killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert json.loads(lock.read_text())["pid"] == killed.pid
+  saved = latest_step(workdir)
+  epochs = saved // 4 + 1
+  rerun = run_mocked(*smoke_args(workdir, f"--config.num_epochs={epochs}"))
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Took over the lock of pid {killed.pid} on {socket.gethostname()}" in rerun.stderr
+  assert f"Resuming from the checkpoint at step {saved}." in rerun.stderr
+  assert latest_step(workdir) == 4 * epochs and not lock.exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_to_the_straight_runs_end(
+    mock_tfds, smoke_config, trained_workdir, tmp_path, monkeypatch):
+  del mock_tfds
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  rename = async_path.rename
+
+  async def full_at_step_8(source, target):  # orbax's last move of a complete save.
+    if os.path.basename(str(target)) == "8":
+      raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    return await rename(source, target)
+
+  monkeypatch.setattr(async_path, "rename", full_at_step_8)
+  with pytest.raises(checkpoints.SaveError) as failure:
+    train.train_and_evaluate(smoke_config, str(tmp_path))
+  message = str(failure.value)
+  assert "\n" not in message, message
+  assert re.search(rf"the checkpoint at step 8 in {tmp_path / 'checkpoints'}: no space left on the "
+                   r"device\. A checkpoint takes about \d+\.\d MB there \(\d+\.\d MB free\)\. "
+                   r"The checkpoints up to step 4 are kept", message), message
+  assert os.listdir(tmp_path / "checkpoints") == ["4"]  # The partial save is gone.
+  assert not (tmp_path / workdirs.LOCK_FILE).exists()
+  with open(tmp_path / workdirs.METRICS_FILE, "a", encoding="utf-8") as f:
+    f.write('{"step": 8, "train_lo')  # And a row cut short, as by a kill mid-write.
+  monkeypatch.undo()
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  _assert_same_run(tmp_path, trained_workdir, smoke_config)
