@@ -99,9 +99,10 @@ class _Run:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; returns the final results dict.
 
-  With several processes (`multihost`), every process runs this with the same
-  config; only process 0 writes the workdir's files (checkpoints go through
-  orbax, which coordinates the processes itself).
+  The run holds the workdir's lock (`workdirs.Lock`) from before its first write to the end:
+  a second run on the same workdir stops at once. With several processes (`multihost`),
+  every process runs this with the same config; process 0 holds the lock and alone writes
+  the workdir's files (checkpoints go through orbax, which coordinates the processes itself).
   """
   config = config_lib.with_global_batch(config)
   config_lib.check_config(config, workdir)
