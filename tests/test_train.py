@@ -208,10 +208,13 @@ def test_a_non_finite_loss_stops_at_the_first_step_log(mock_tfds, smoke_config, 
 def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   stdout = (trained_workdir.parent / "trained.stdout").read_text()
   results = json.loads((trained_workdir / "results.json").read_text())
-  assert {"test_accuracy", "test_loss", "test_examples", "epochs", "params", "macs",
-          "train_images_per_s", "wall_s"} <= set(results)
+  assert {"test_accuracy", "test_top5_accuracy", "test_loss", "test_examples", "epochs",
+          "params", "macs", "train_images_per_s", "wall_s", "test_per_class_accuracy",
+          "test_confusion"} <= set(results)
   assert results["test_examples"] == 40 and results["epochs"] == 2
-  assert f"test accuracy {results['test_accuracy']:.4f} on 40 examples" in stdout
+  assert np.asarray(results["test_confusion"]).sum() == 40
+  assert (f"test accuracy {results['test_accuracy']:.4f} (top-5 "
+          f"{results['test_top5_accuracy']:.4f}) on 40 examples") in stdout
   assert "total" in stdout and "block13/pointwise/conv" in stdout  # The summary.
   records = metric_logging.read_metrics(str(trained_workdir))
   assert [r["epoch"] for r in records] == [1, 2] and "learning_rate" in records[0]
