@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
-from mobilenet_jax import datasets, folders, images, models, parallel, steps, streaming
+from mobilenet_jax import datasets, folders, images, models, optimizers, parallel, steps, streaming
 
 
 def _feed_timer(config, data, mode, num_steps):
@@ -39,8 +39,9 @@ def _feed_timer(config, data, mode, num_steps):
   feed = (streaming.StreamFeed(config, runner, data.train, data.test) if mode == "stream"
           else parallel.DeviceFeed(runner, data))
   state = runner.put_state(steps.create_train_state(
-      models.create_model(config.model), steps.create_optimizer(config, runner.steps_per_epoch),
-      jax.random.key(0), config.input.image_size))
+      models.create_model(config.model),
+      optimizers.create_optimizer(config, runner.steps_per_epoch), jax.random.key(0),
+      config.input.image_size))
   holder = {"state": state, "step": 0}
 
   def run(n):

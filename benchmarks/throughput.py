@@ -51,7 +51,7 @@ import numpy as np
 
 from configs import cifar  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import convolutions, inference, input_pipeline, models, parallel, sampler, steps
-from mobilenet_jax import summary  # pylint: disable=g-import-not-at-top
+from mobilenet_jax import optimizers, summary  # pylint: disable=g-import-not-at-top
 
 PEER = ROOT / "benchmarks" / "torch_peer.py"
 PRESETS = {"keras": "", "torch": "torch"}  # Each layout's preset in configs/cifar.py.
@@ -160,8 +160,8 @@ def _timers(args, config):
                                rng.integers(0, 10, (num_train,), np.int32))
   runner = parallel.create_runner(config, num_train)
   model = models.create_model(config.model, axis_name=runner.axis_name)
-  initial = steps.create_train_state(model, steps.create_optimizer(config, runner.steps_per_epoch),
-                                     jax.random.key(0), config.input.image_size)
+  tx = optimizers.create_optimizer(config, runner.steps_per_epoch)
+  initial = steps.create_train_state(model, tx, jax.random.key(0), config.input.image_size)
   state = runner.put_state(initial)
 
   # The bare train step on one fixed device batch, with its augmentation draws made once.

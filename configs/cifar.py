@@ -133,19 +133,38 @@ def _model() -> ml_collections.ConfigDict:
 
 
 def _optim() -> ml_collections.ConfigDict:
-  """The optimizer (mobilenet_jax/steps.py): SGD with Nesterov momentum."""
+  """The optimizer (mobilenet_jax/optimizers.py): SGD with Nesterov momentum by default."""
   o = ml_collections.ConfigDict()
-  o.momentum = 0.9         # 0: plain SGD.
-  o.weight_decay = 1e-4    # L2 on conv and dense kernels but the depthwise ones, in the loss.
+  o.name = "sgd"           # 'sgd' | 'rmsprop' (TensorFlow's) | 'adamw' | 'lamb'.
+  o.momentum = 0.9         # sgd and rmsprop; 0: none.
+  o.nesterov = True        # sgd.
+  # On conv and dense kernels but the depthwise ones (not BatchNorm, not biases).
+  o.weight_decay = 1e-4
+  # 'l2' (a penalty in the loss: sgd's and rmsprop's) | 'decoupled' (-rate * decay * weight in
+  # the update: adamw's and lamb's); None: the optimizer's own.
+  o.decay = placeholder(str)
+  o.rms_decay = 0.9        # rmsprop: the mean square's decay...
+  o.rms_initial = 1.0      # ...and its initial value (TensorFlow's 1; PyTorch's 0).
+  o.b1 = 0.9               # adamw, lamb: the moments' decays.
+  o.b2 = 0.999
+  o.epsilon = placeholder(float)  # None: rmsprop 1.0 (TF-slim), adamw 1e-8, lamb 1e-6.
+  o.clip_norm = placeholder(float)  # Clip the gradient to this global norm; None: off.
   return o
 
 
 def _schedule() -> ml_collections.ConfigDict:
-  """The learning rate per step (mobilenet_jax/steps.py): piecewise constant."""
+  """The learning rate per step (mobilenet_jax/optimizers.py): piecewise constant by default."""
   s = ml_collections.ConfigDict()
-  s.learning_rate = 0.01       # Until the first boundary.
-  s.boundaries = (100, 200)    # In epochs.
-  s.rates = (0.001, 0.0001)    # The rate from each boundary on.
+  s.name = "piecewise"         # 'piecewise' | 'cosine' | 'exponential'.
+  s.learning_rate = 0.01       # The first rate (piecewise: until the first boundary).
+  s.boundaries = (100, 200)    # piecewise: in epochs...
+  s.rates = (0.001, 0.0001)    # ...and the rate from each boundary on.
+  s.final_rate = 0.0           # cosine: the rate at the run's end.
+  s.decay_factor = 0.94        # exponential: the rate's factor...
+  s.decay_epochs = 2.5         # ...every this many epochs...
+  s.staircase = True           # ...at once (False: smoothly).
+  # A linear warm-up: the rate times (step + 1) / warm-up steps until the warm-up's end.
+  s.warmup_epochs = 0.0
   # With it set, every rate is for a batch of this many images and scales linearly to
   # input.batch_size (Goyal et al., 2017); None: the rates are used as written.
   s.reference_batch = placeholder(int)

@@ -128,9 +128,8 @@ def train(c: ml_collections.ConfigDict) -> None:
   c.optim.momentum = 0.0  # Slim's GradientDescentOptimizer.
   c.optim.weight_decay = 4e-5
   c.num_epochs = 100
-  c.schedule.learning_rate = 0.045
-  c.schedule.boundaries = tuple(2.5 * k for k in range(1, 40))
-  c.schedule.rates = tuple(0.045 * 0.94 ** k for k in range(1, 40))
+  c.schedule.update(name="exponential", learning_rate=0.045, decay_factor=0.94,
+                    decay_epochs=2.5, staircase=True)
   c.checkpoint.keep = 2
 
 

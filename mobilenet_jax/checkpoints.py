@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mobilenet_jax import errors, models, multihost, steps
+from mobilenet_jax import errors, models, multihost, optimizers, steps
 
 
 class MismatchedCheckpointError(errors.UserError, ValueError):
@@ -212,5 +212,5 @@ def state_template(config):
   BatchNorm needs no pmap axis, and the optimizer's state structure does not depend on the
   schedule's steps per epoch."""
   return steps.create_train_state(models.create_model(config.model),
-                                  steps.create_optimizer(config, 1), jax.random.key(0),
+                                  optimizers.create_optimizer(config, 1), jax.random.key(0),
                                   config.input.image_size)

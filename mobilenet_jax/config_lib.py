@@ -14,7 +14,8 @@ import sys
 import jax
 import ml_collections
 
-from mobilenet_jax import datasets, errors, inference, input_pipeline, models, parallel, steps
+from mobilenet_jax import datasets, errors, inference, input_pipeline, models, optimizers
+from mobilenet_jax import parallel, steps
 from mobilenet_jax import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Where configs/ is.
@@ -200,6 +201,7 @@ def check_config(config, workdir: str) -> None:
   _check_run(config)
   models.check_config(config.model)
   steps.check_config(config)
+  optimizers.check_config(config)
   input_pipeline.check_config(config, jax.device_count())
   datasets.check_config(config)
   inference.check_config(config)

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from mobilenet_jax import checkpoints, config_lib, datasets, errors, inference
+from mobilenet_jax import checkpoints, config_lib, datasets, errors, inference, optimizers
 from mobilenet_jax import metric_logging, models, parallel, sampler, steps, streaming, workdirs
 from mobilenet_jax import summary as summary_lib
 
@@ -138,7 +138,7 @@ def _set_up(config, workdir: str, lock) -> _Run:
                                          config.checkpoint.keep, writer=True)
   state = checkpointer.restore(steps.create_train_state(
       models.create_model(config.model, axis_name=runner.axis_name),
-      steps.create_optimizer(config, runner.steps_per_epoch), sampler.init_key(config.seed),
+      optimizers.create_optimizer(config, runner.steps_per_epoch), sampler.init_key(config.seed),
       config.input.image_size))
   step = int(state.step)
   if step:
@@ -222,7 +222,7 @@ def _train_scalars(run: _Run, sums: dict) -> dict:
   _check_finite(run, sums["loss"])
   return {"train_loss": sums["loss"] / sums["count"],
           "train_accuracy": sums["correct"] / sums["count"],
-          "learning_rate": float(steps.learning_rate_schedule(
+          "learning_rate": float(optimizers.learning_rate_schedule(
               run.config, run.steps_per_epoch)(run.step - 1))}
 
 

@@ -60,8 +60,15 @@ FLAT_ADDED = {"eval_flip": False, "inference_chunk": None, "eval_shift": 0,
               "eval_resize": "bilinear", "init_from": None, "class_names": None}
 MODEL_ADDED = {"kernel_init": "he_normal", "padding": "symmetric", "activation": "relu",
                "bn_momentum": 0.9, "bn_epsilon": 1e-5, "dropout": 0.0}
-# Grouped fields added since, likewise: the grouping itself added the step cadences.
-ADDED_FIELDS = {"checkpoint.every_steps": None, "log.every_steps": None}
+# Grouped fields added since, likewise: the grouping itself added the step cadences; the
+# optimizers and schedules came on 2026-12-04, when every run was SGD on a piecewise schedule.
+ADDED_FIELDS = {"checkpoint.every_steps": None, "log.every_steps": None,
+                "optim.name": "sgd", "optim.nesterov": True, "optim.decay": None,
+                "optim.rms_decay": 0.9, "optim.rms_initial": 1.0, "optim.b1": 0.9,
+                "optim.b2": 0.999, "optim.epsilon": None, "optim.clip_norm": None,
+                "schedule.name": "piecewise", "schedule.final_rate": 0.0,
+                "schedule.decay_factor": 0.94, "schedule.decay_epochs": 2.5,
+                "schedule.staircase": True, "schedule.warmup_epochs": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)

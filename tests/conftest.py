@@ -48,9 +48,9 @@ def smoke_config():
 def fresh_state(config, steps_per_epoch=4):
   """A newly initialized TrainState of `config` (seed 0), its schedule at `steps_per_epoch`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import models, steps  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import models, optimizers, steps  # pylint: disable=g-import-not-at-top
   return steps.create_train_state(models.create_model(config.model),
-                                  steps.create_optimizer(config, steps_per_epoch),
+                                  optimizers.create_optimizer(config, steps_per_epoch),
                                   jax.random.key(0), config.input.image_size)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar, imagenet
-from mobilenet_jax import config_lib, models, steps, summary, workdirs
+from mobilenet_jax import config_lib, models, optimizers, summary, workdirs
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -23,42 +23,84 @@ def test_every_preset_passes_the_checks_and_builds(module, preset, tmp_path):
   assert table.params > 0 and table.macs > 0
 
 
+def _numpy_rate(config, steps_per_epoch: int, step: int) -> float:
+  """The schedule's closed form, in numpy, from the config's fields."""
+  s, total = config.schedule, config.num_epochs * steps_per_epoch
+  scale = config.input.batch_size / s.reference_batch if s.reference_batch else 1.0
+  if s.name == "piecewise":
+    passed = sum(step >= int(b * steps_per_epoch) for b in s.boundaries)
+    rate = (s.learning_rate, *s.rates)[passed]
+  elif s.name == "cosine":
+    rate = s.final_rate + (s.learning_rate - s.final_rate) * (1 + np.cos(np.pi * step / total)) / 2
+  else:
+    exponent = step / (s.decay_epochs * steps_per_epoch)
+    rate = s.learning_rate * s.decay_factor ** (np.floor(exponent) if s.staircase else exponent)
+  warmup = s.warmup_epochs * steps_per_epoch
+  return rate * scale * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+
+def _check_points(config, steps_per_epoch: int):
+  """The start, each epoch's first and last step, the warm-up's end and the last step."""
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(config.schedule.warmup_epochs * steps_per_epoch)
+  epochs = {e * steps_per_epoch + d for e in range(config.num_epochs + 1) for d in (-1, 0)}
+  return sorted(p for p in epochs | {warmup - 1, warmup, total - 1} if 0 <= p < total)
+
+
 @pytest.mark.parametrize("module, preset", PRESETS, ids=[f"{m.__name__}:{p}" for m, p in PRESETS])
-def test_every_presets_schedule_steps_through_its_rates_at_its_epochs(module, preset):
-  config, steps_per_epoch = module.get_config(preset), 390
-  config = config_lib.with_global_batch(config)
-  schedule = steps.learning_rate_schedule(config, steps_per_epoch)
-  reference = config.schedule.reference_batch
-  scale = config.input.batch_size / reference if reference else 1.0
-  rates = [r * scale for r in (config.schedule.learning_rate, *config.schedule.rates)]
-  starts = (0, *(int(b * steps_per_epoch) for b in config.schedule.boundaries))
-  ends = (*starts[1:], config.num_epochs * steps_per_epoch)
-  for rate, start, end in zip(rates, starts, ends):
-    if start >= end:  # A boundary at or after the last epoch (smoke's at 2 of 2).
-      continue
-    np.testing.assert_allclose([float(schedule(start)), float(schedule(end - 1))], rate,
-                               rtol=1e-6)
+def test_every_presets_schedule_is_its_closed_form_at_every_epoch(module, preset):
+  config, steps_per_epoch = config_lib.with_global_batch(module.get_config(preset)), 39
+  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch)
+  for step in _check_points(config, steps_per_epoch):
+    np.testing.assert_allclose(float(schedule(step)), _numpy_rate(config, steps_per_epoch, step),
+                               rtol=2e-6, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"schedule.name": "piecewise", "schedule.boundaries": (3, 7.5), "schedule.rates": (0.1, 0.03)},
+    {"schedule.name": "cosine", "schedule.final_rate": 0.01},
+    {"schedule.name": "exponential", "schedule.decay_epochs": 1.5, "schedule.staircase": True},
+    {"schedule.name": "exponential", "schedule.decay_epochs": 2, "schedule.staircase": False}],
+    ids=["piecewise", "cosine", "exponential_staircase", "exponential_smooth"])
+@pytest.mark.parametrize("warmup", [0, 2.5])
+def test_each_schedule_is_its_closed_form_at_its_boundaries_warm_up_included(overrides, warmup):
+  config = cifar.get_config("smoke")
+  config.update_from_flattened_dict({"num_epochs": 10, "schedule.learning_rate": 0.4,
+                                     "schedule.warmup_epochs": warmup, **overrides})
+  steps_per_epoch = 20
+  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch)
+  points = _check_points(config, steps_per_epoch) + [30, 149, 150]  # Mid-decay, 7.5 epochs.
+  for step in points:
+    np.testing.assert_allclose(float(schedule(step)), _numpy_rate(config, steps_per_epoch, step),
+                               rtol=2e-6, err_msg=f"step {step}")
 
 
 def test_imagenet_recipe_is_slims_scaled_to_the_global_batch(monkeypatch):
   monkeypatch.setattr(config_lib.jax, "process_count", lambda: 4)
   config = config_lib.with_global_batch(imagenet.get_config("train"))
   assert config.input.batch_size == 256  # 64 per process.
-  schedule = steps.learning_rate_schedule(config, steps_per_epoch=100)
+  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch=100)
   # Slim: 0.045 for 64 images, staircase x0.94 every 2.5 epochs; here 4x the batch, 4x the rate.
   for epoch in (0, 2.4, 2.5, 7.6, 99.9):
     np.testing.assert_allclose(float(schedule(int(epoch * 100))),
                                4 * 0.045 * 0.94 ** (epoch // 2.5), rtol=1e-6)
 
 
-@pytest.mark.parametrize("saved, module, preset", [
-    ("config_flat_quick.json", cifar, "quick"),
-    ("config_flat_imagenet_train.json", imagenet, "train")])
-def test_a_flat_config_json_upgrades_to_the_preset_that_wrote_it(saved, module, preset):
+# :train's exponential decay as the flat config wrote it: 39 boundaries and rates.
+SLIM_STEPS = {"schedule.name": "piecewise",
+              "schedule.boundaries": tuple(2.5 * k for k in range(1, 40)),
+              "schedule.rates": tuple(0.045 * 0.94 ** k for k in range(1, 40))}
+
+
+@pytest.mark.parametrize("saved, module, preset, then", [
+    ("config_flat_quick.json", cifar, "quick", {}),
+    ("config_flat_imagenet_train.json", imagenet, "train", SLIM_STEPS)])
+def test_a_flat_config_json_upgrades_to_the_preset_that_wrote_it(saved, module, preset, then):
   # Written by the flat config of 2026-12-04 (before the groups), as config.json holds it.
   flat = json.loads((DATA / saved).read_text())
-  assert json.loads(json.dumps(workdirs.upgrade(flat))) == json.loads(
-      module.get_config(preset).to_json())
+  expected = module.get_config(preset)
+  expected.update_from_flattened_dict(then)
+  assert json.loads(json.dumps(workdirs.upgrade(flat))) == json.loads(expected.to_json())
 
 
 def test_command_line_values_parse_as_their_fields_and_none_undoes_a_preset():

@@ -419,9 +419,9 @@ def converted_workdir(tmp_path_factory):
 
 
 def _fine_tune_start(config):
-  from mobilenet_jax import steps, workdirs  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import optimizers, steps, workdirs  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model)
-  fresh = steps.create_train_state(model, steps.create_optimizer(config, 1),
+  fresh = steps.create_train_state(model, optimizers.create_optimizer(config, 1),
                                    jax.random.key(config.seed), config.input.image_size)
   return model, fresh, workdirs.start_from(fresh, config)
 

@@ -65,7 +65,7 @@ _DROPOUT_STEPS = """
 import json, sys
 import jax, numpy as np
 from configs import cifar
-from mobilenet_jax import input_pipeline, models, parallel, steps
+from mobilenet_jax import input_pipeline, models, optimizers, parallel, steps
 config = cifar.get_config("smoke")
 config.model.update(dropout=0.5, shallow=True, stem_stride=1)  # WELL_CONDITIONED.
 config.input.image_size = 32
@@ -78,7 +78,7 @@ for mode in ("jit", "pmap"):
   runner = parallel.create_runner(config, 64)
   state = runner.put_state(steps.create_train_state(
       models.create_model(config.model, axis_name=runner.axis_name),
-      steps.create_optimizer(config, 4), jax.random.key(0), 32))
+      optimizers.create_optimizer(config, 4), jax.random.key(0), 32))
   state, _ = runner.train(state, runner.put_train_data(split), runner.shuffle(state))
   params[mode] = [np.asarray(x).tolist() for x in
                              jax.tree.leaves(runner.get_state(state).params)]

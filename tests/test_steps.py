@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import fresh_state as _state, random_batch as _batch
-from mobilenet_jax import inference, input_pipeline, parallel, steps, train
+from mobilenet_jax import inference, input_pipeline, optimizers, parallel, steps, train
 
 
 class _Traced:
@@ -225,7 +225,7 @@ def test_learning_rate_at_each_boundary(smoke_config):
   smoke_config.schedule.boundaries = (100, 200)
   smoke_config.schedule.rates = (0.001, 0.0001)
   spe = 390
-  lr = steps.learning_rate_schedule(smoke_config, spe)
+  lr = optimizers.learning_rate_schedule(smoke_config, spe)
   for step, expected in [(0, 0.01), (100 * spe - 1, 0.01), (100 * spe, 0.001),
                          (200 * spe - 1, 0.001), (200 * spe, 0.0001), (250 * spe, 0.0001)]:
     np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-6)
@@ -237,7 +237,7 @@ def test_weight_decay_skips_depthwise_batchnorm_and_biases(smoke_config):
   expected = 0.5 * sum(float(jnp.sum(w ** 2)) for path, w in
                        jax.tree_util.tree_flatten_with_path(params)[0]
                        if path[-1].key == "kernel" and "depthwise" not in str(path))
-  np.testing.assert_allclose(float(steps.l2_penalty(params)), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(optimizers.l2_penalty(params)), expected, rtol=1e-5)
 
 
 def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
