@@ -172,6 +172,19 @@ def wait_for_checkpoint(runs, workdir, step, timeout=300):
     time.sleep(0.05)
 
 
+def claim_lock(workdir, host, pid, age_s=0.0, pids=None):
+  """A workdir lock file as a run of `pid` on `host` (seeing the `pids` namespace; by default
+  this process's) leaves it, last touched `age_s` ago; returns its path."""
+  import json  # pylint: disable=g-import-not-at-top
+  from mobilenet_jax import workdirs  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(workdir) / workdirs.LOCK_FILE
+  pids = pids or os.readlink("/proc/self/ns/pid")
+  path.write_text(json.dumps({"host": host, "pid": pid, "pids": pids, "token": "theirs",
+                              "since": "2026-12-04 08:00:00 UTC"}))
+  os.utime(path, (time.time() - age_s,) * 2)
+  return path
+
+
 def latest_step(workdir):
   from mobilenet_jax import checkpoints, workdirs  # pylint: disable=g-import-not-at-top
   checkpointer = checkpoints.Checkpointer(workdirs.checkpoint_dir(str(workdir)), 100)

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import latest_step, run_mocked, start_processes, wait_all, wait_for_checkpoint
+from conftest import claim_lock, latest_step, run_mocked, start_processes, wait_all, wait_for_checkpoint
 from mobilenet_jax import checkpoints, multihost, workdirs
 
 pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
@@ -173,9 +173,7 @@ def test_a_held_workdir_stops_every_process_naming_the_holder_and_nothing_is_wri
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = subprocess.Popen(["sleep", "120"])
-  (workdir / workdirs.LOCK_FILE).write_text(json.dumps({
-      "host": socket.gethostname(), "pid": holder.pid, "pids": os.readlink("/proc/self/ns/pid"),
-      "token": "theirs", "since": "2026-12-04 08:00:00 UTC"}))
+  claim_lock(workdir, socket.gethostname(), holder.pid)
   try:
     codes, logs = wait_all(_start(workdir), timeout=BOUND_S)
   finally:

@@ -9,18 +9,8 @@ import time
 
 import pytest
 
+from conftest import claim_lock
 from mobilenet_jax import errors, metric_logging, workdirs
-
-
-def _claim(workdir, host, pid, age_s=0.0, pids=None):
-  """A lock file as a run of `pid` on `host` (seeing the `pids` namespace; by default this
-  process's) leaves it, last touched `age_s` ago."""
-  path = workdir / workdirs.LOCK_FILE
-  pids = pids or os.readlink("/proc/self/ns/pid")
-  path.write_text(json.dumps({"host": host, "pid": pid, "pids": pids, "token": "theirs",
-                              "since": "2026-12-04 08:00:00 UTC"}))
-  os.utime(path, (time.time() - age_s,) * 2)
-  return path
 
 
 def _refused(workdir, *names):
@@ -43,7 +33,7 @@ def _taken(workdir):
 def test_a_live_runs_lock_refuses_with_its_holder_and_a_killed_runs_is_taken_over(tmp_path):
   holder = subprocess.Popen(["sleep", "60"])
   try:
-    _claim(tmp_path, socket.gethostname(), holder.pid)
+    claim_lock(tmp_path, socket.gethostname(), holder.pid)
     _refused(tmp_path, f"pid {holder.pid} on {socket.gethostname()}", "2026-12-04 08:00:00 UTC")
   finally:
     holder.kill()
@@ -52,12 +42,12 @@ def test_a_live_runs_lock_refuses_with_its_holder_and_a_killed_runs_is_taken_ove
 
 
 def test_another_hosts_lock_is_taken_over_only_once_its_heartbeat_is_stale(tmp_path):
-  _claim(tmp_path, "node-that-died", 1, age_s=workdirs.STALE_AFTER_S - 30)
+  claim_lock(tmp_path, "node-that-died", 1, age_s=workdirs.STALE_AFTER_S - 30)
   _refused(tmp_path, "pid 1 on node-that-died")
-  _claim(tmp_path, "node-that-died", 1, age_s=workdirs.STALE_AFTER_S + 30)
+  claim_lock(tmp_path, "node-that-died", 1, age_s=workdirs.STALE_AFTER_S + 30)
   _taken(tmp_path)
   # A container on this host (its own pids): a pid absent here says nothing; its heartbeat does.
-  _claim(tmp_path, socket.gethostname(), 2**22 + 1, pids="pid:[1]")
+  claim_lock(tmp_path, socket.gethostname(), 2**22 + 1, pids="pid:[1]")
   _refused(tmp_path, f"pid {2**22 + 1} on {socket.gethostname()}")
 
 
@@ -79,7 +69,7 @@ def test_the_holder_beats_and_one_whose_lock_was_taken_over_stops_at_its_next_wr
   os.utime(path, (time.time() - 100,) * 2)
   assert _within(10, lambda: time.time() - path.stat().st_mtime < 50)  # Touched again.
   lock.check()
-  _claim(tmp_path, "another-host", 7)  # Taken over while this run's heartbeat stalled.
+  claim_lock(tmp_path, "another-host", 7)  # Taken over while this run's heartbeat stalled.
   assert _within(10, lambda: lock.lost)
   with pytest.raises(errors.WorkdirBusyError, match="taken over by pid 7 on another-host"):
     lock.check()
