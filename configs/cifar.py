@@ -48,6 +48,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = _model()
   c.optim = _optim()
   c.schedule = _schedule()
+  c.ema = _ema()
   c.eval = _eval()
   c.checkpoint = _checkpoint()
   c.log = _log()
@@ -149,6 +150,9 @@ def _optim() -> ml_collections.ConfigDict:
   o.b2 = 0.999
   o.epsilon = placeholder(float)  # None: rmsprop 1.0 (TF-slim), adamw 1e-8, lamb 1e-6.
   o.clip_norm = placeholder(float)  # Clip the gradient to this global norm; None: off.
+  # The batch's gradient as the mean of this many micro-batches', one after the other (a
+  # recipe's batch on less device memory); BatchNorm sees each micro-batch alone (steps.py).
+  o.micro_batches = 1
   return o
 
 
@@ -169,6 +173,16 @@ def _schedule() -> ml_collections.ConfigDict:
   # input.batch_size (Goyal et al., 2017); None: the rates are used as written.
   s.reference_batch = placeholder(int)
   return s
+
+
+def _ema() -> ml_collections.ConfigDict:
+  """A moving average of the weights and BatchNorm statistics (steps.py), evaluated beside
+  them each epoch (`ema_test_*`) and used by predict, export and convert (their --raw: not)."""
+  e = ml_collections.ConfigDict()
+  e.decay = 0.0            # Its decay per step; 0: off. TF-slim's --moving_average_decay 0.9999.
+  # TensorFlow's warm-up: the decay is at most (1 + step) / (10 + step) (num_updates).
+  e.num_updates = False
+  return e
 
 
 def _eval() -> ml_collections.ConfigDict:

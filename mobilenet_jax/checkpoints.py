@@ -58,6 +58,13 @@ class _HoldBackOrbaxErrors(std_logging.Filter):
     return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+def _stored(state) -> dict:
+  """The state dict that a checkpoint holds: the TrainState's fields less those that are None
+  (the weight average when `config.ema` is off), so that checkpoints written before that field
+  existed and those written without it are the same files."""
+  return {k: v for k, v in flax.serialization.to_state_dict(state).items() if v is not None}
+
+
 def _disk_size(path: str) -> int:
   return sum(os.path.getsize(os.path.join(folder, name))
              for folder, _, names in os.walk(path) for name in names)
@@ -96,7 +103,7 @@ class Checkpointer:
     held_back = _HoldBackOrbaxErrors()
     std_logging.getLogger("absl").addFilter(held_back)
     try:
-      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+      self.manager.save(step, args=ocp.args.StandardSave(_stored(state)))
     except Exception as e:  # pylint: disable=broad-except
       if not (isinstance(e, OSError) or "os_error_code" in str(e)):
         raise
@@ -131,7 +138,7 @@ class Checkpointer:
     the next older one is tried. A readable checkpoint of another model or optimizer
     is an error, not damage: older ones were written with the same config.
     """
-    target = flax.serialization.to_state_dict(template)
+    target = _stored(template)
     damaged = {}
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -143,7 +150,8 @@ class Checkpointer:
         continue
       self._agree_on(step)
       self._set_aside(damaged)
-      return flax.serialization.from_state_dict(template, restored)
+      return flax.serialization.from_state_dict(
+          template, {**flax.serialization.to_state_dict(template), **restored})
     if damaged:
       raise DamagedCheckpointError(
           f"No checkpoint in {self.directory} can be read (steps "
@@ -213,4 +221,4 @@ def state_template(config):
   schedule's steps per epoch."""
   return steps.create_train_state(models.create_model(config.model),
                                   optimizers.create_optimizer(config, 1), jax.random.key(0),
-                                  config.input.image_size)
+                                  config.input.image_size, ema=config.ema.decay > 0)

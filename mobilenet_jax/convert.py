@@ -35,7 +35,7 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from mobilenet_jax import config_lib, errors, models, sampler
+from mobilenet_jax import checkpoints, config_lib, errors, models, sampler, workdirs
 
 _BN_FLAX = ("scale", "bias", "mean", "var")
 _BN_TORCH = ("weight", "bias", "running_mean", "running_var")
@@ -377,7 +377,6 @@ def template_variables(config) -> dict:
 def write_workdir(config, variables, workdir: str, label_names) -> None:
   """A step-0 checkpoint of `variables` with config.json and label names, as run.py leaves them."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mobilenet_jax import checkpoints, workdirs  # pylint: disable=g-import-not-at-top
   if os.path.exists(workdirs.checkpoint_dir(workdir)):
     raise errors.ConfigError(f"--workdir={workdir} already holds checkpoints: pass a new folder.")
   state = checkpoints.state_template(config).replace(params=variables["params"],
@@ -427,8 +426,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     if f.out:
-      from mobilenet_jax import workdirs  # pylint: disable=g-import-not-at-top
-      trained = workdirs.load(f.workdir)
+      trained = workdirs.load(f.workdir, f.raw)
       write(f.format, trained.variables, trained.config, f.out)
       print(f"Wrote {f.out} from {f.workdir}.", flush=True)
       return 0
@@ -465,4 +463,5 @@ if __name__ == "__main__":
   flags.DEFINE_float("alpha", 1.0, "keras_app: the width multiplier (0.25, 0.5, 0.75, 1.0).")
   flags.DEFINE_integer("image_size", 224, "keras_app: the input size (128, 160, 192, 224).")
   flags.DEFINE_bool("include_top", True, "keras_app: whether the file has the 1000-class head.")
+  flags.DEFINE_bool("raw", False, "With --out: " + workdirs.RAW_FLAG_HELP)
   app.run(main, flags_parser=config_lib.parse_flags)

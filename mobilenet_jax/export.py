@@ -49,12 +49,13 @@ def to_tflite(fn, calibration_images=None) -> bytes:
 
 
 def export(workdir: str, fmt: str, out: str, quantize: str = "none",
-           calibration_examples: int = 200) -> str:
+           calibration_examples: int = 200, raw: bool = False) -> str:
+  """Writes `out`; `raw`: the weights, not their average (`workdirs.load`)."""
   if fmt not in FORMATS:
     raise errors.ConfigError(f"--format={fmt}: expected one of {FORMATS}.")
   if quantize != "none" and fmt != "tflite":
     raise errors.ConfigError("--quantize=int8 applies to --format=tflite only.")
-  trained = workdirs.load(workdir)
+  trained = workdirs.load(workdir, raw)
   c = trained.config
   fn = tf_function(c.model, trained.variables, c.input.image_size, tuple(c.input.mean),
                    tuple(c.input.std))
@@ -80,7 +81,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    path = export(f.workdir, f.format, f.out, f.quantize, f.calibration_examples)
+    path = export(f.workdir, f.format, f.out, f.quantize, f.calibration_examples,
+                  f.raw)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -95,4 +97,5 @@ if __name__ == "__main__":
   flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                     "int8: post-training quantization of weights and activations (tflite only).")
   flags.DEFINE_integer("calibration_examples", 200, "Training images that calibrate int8 ranges.")
+  flags.DEFINE_bool("raw", False, workdirs.RAW_FLAG_HELP)
   app.run(main)

@@ -15,10 +15,12 @@ from mobilenet_jax import errors, images, workdirs  # pylint: disable=g-import-n
 
 
 
-def predict(workdir: str, paths, top: int = 5) -> list[list[tuple[str, float]]]:
-  """For each image, the `top` (label name, probability) pairs, most probable first."""
+def predict(workdir: str, paths, top: int = 5,
+            raw: bool = False) -> list[list[tuple[str, float]]]:
+  """For each image, the `top` (label name, probability) pairs, most probable first; `raw`:
+  with the weights, not their average (`workdirs.load`)."""
   pictures = [images.read(path) for path in paths]  # A bad file fails before loading.
-  trained = workdirs.load(workdir)
+  trained = workdirs.load(workdir, raw)
   logits = workdirs.logits_fn(trained)
   results = []
   for raw in pictures:
@@ -35,7 +37,7 @@ def main(argv):
   if not paths:
     raise app.UsageError("Name at least one image (JPEG, PNG, BMP or WebP).")
   try:
-    results = predict(flags.FLAGS.workdir, paths, flags.FLAGS.top)
+    results = predict(flags.FLAGS.workdir, paths, flags.FLAGS.top, flags.FLAGS.raw)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -49,4 +51,5 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A workdir trained by run.py.", required=True)
   flags.DEFINE_integer("top", 5, "How many classes to print per image.")
+  flags.DEFINE_bool("raw", False, workdirs.RAW_FLAG_HELP)
   app.run(main)

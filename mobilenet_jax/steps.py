@@ -2,9 +2,16 @@
 
 `train_step` is a pure function of (state, batch, rng): it augments the uint8
 batch on device with the sampler's draws, runs the model in train mode (updating
-BatchNorm statistics), and applies one update of the optimizer (`optimizers.py`). Under pmap,
-`axis_name` names the device axis: gradients are averaged across it and BatchNorm statistics
-are synchronized, so the result equals one device processing the whole global batch.
+BatchNorm statistics), applies one update of the optimizer (`optimizers.py`) and moves the
+weights' moving average (`config.ema`). Under pmap, `axis_name` names the device axis:
+gradients are averaged across it and BatchNorm statistics are synchronized, so the result
+equals one device processing the whole global batch.
+
+With `config.optim.micro_batches` = k > 1 the batch's gradient is the mean of k micro-batches'
+gradients, computed one after the other (a recipe's batch on fewer or smaller devices), and
+BatchNorm normalizes each micro-batch by its own statistics and updates its running averages
+k times, as timm's and Keras' gradient accumulation do. Micro-batch j holds rows j, j + k,
+j + 2k, ... of the batch, so that each device's block of rows holds its share of every one.
 """
 from typing import Any
 
@@ -18,19 +25,63 @@ from mobilenet_jax import errors, inference, input_pipeline, models, optimizers,
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # With config.ema.decay > 0, the moving average of the weights: {'params', 'batch_stats'}.
+  ema: Any = None
 
 
-def check_config(config) -> None:
-  """Rejects a bad label smoothing (the optimizer and schedule: optimizers.py)."""
-  if not 0 <= config.augment.label_smoothing < 1:
-    raise errors.ConfigError(f"config.augment.label_smoothing={config.augment.label_smoothing}: "
-                             "must be in [0, 1).")
+def check_config(config, num_devices: int) -> None:
+  """Rejects a bad label smoothing, weight average or micro-batch count (the optimizer and
+  schedule: optimizers.py)."""
+  def require(ok, message):
+    if not ok:
+      raise errors.ConfigError(message)
+  require(0 <= config.augment.label_smoothing < 1,
+          f"config.augment.label_smoothing={config.augment.label_smoothing}: must be in [0, 1).")
+  require(0 <= config.ema.decay < 1,
+          f"config.ema.decay={config.ema.decay}: must be in [0, 1) (0: no weight average; "
+          "TF-slim's is 0.9999).")
+  k, batch = config.optim.micro_batches, config.input.batch_size
+  require(k >= 1 and batch % (num_devices * k) == 0,
+          f"config.optim.micro_batches={k}: must be >= 1 and divide each device's share of "
+          f"config.input.batch_size={batch} ({num_devices} devices): pick a divisor of "
+          f"{max(batch // num_devices, 1)}.")
 
 
-def create_train_state(model, tx, rng, image_size: int) -> TrainState:
+def create_train_state(model, tx, rng, image_size: int, ema: bool = False) -> TrainState:
+  """A new TrainState; with `ema`, its weight average starts at the initial weights."""
   variables = models.init_variables(model, rng, image_size)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables["batch_stats"])
+  return with_weights(TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                        batch_stats=variables["batch_stats"],
+                                        ema={} if ema else None),
+                      variables["params"], variables["batch_stats"])
+
+
+def with_weights(state: TrainState, params, batch_stats) -> TrainState:
+  """`state` with these weights, and its weight average (if kept) restarted at them."""
+  ema = None if state.ema is None else {"params": params, "batch_stats": batch_stats}
+  return state.replace(params=params, batch_stats=batch_stats, ema=ema)
+
+
+def averaged(state: TrainState) -> TrainState:
+  """`state` with its weight average in place of the weights (evaluated like them)."""
+  return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
+
+
+def ema_decay(config, step):
+  """The average's decay at update `step` (counted from 0): `config.ema.decay`, and with
+  `num_updates` at most (1 + step) / (10 + step), TensorFlow's ExponentialMovingAverage
+  warm-up with TF-slim's global step as num_updates."""
+  decay = config.ema.decay
+  return jnp.minimum(decay, (1 + step) / (10 + step)) if config.ema.num_updates else decay
+
+
+def _update_ema(state: TrainState, config, step) -> TrainState:
+  """average -= (1 - decay) * (average - weights): TensorFlow's form of the update."""
+  if state.ema is None:
+    return state
+  rate = 1 - ema_decay(config, step)
+  weights = {"params": state.params, "batch_stats": state.batch_stats}
+  return state.replace(ema=jax.tree.map(lambda a, w: a - rate * (a - w), state.ema, weights))
 
 
 def training_loss(logits, labels, label_smoothing: float = 0.0):
@@ -60,21 +111,36 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   # Drawn only with config.model.dropout > 0; the augmentation draws used the key itself.
   dropout_key = sampler.dropout_key(rng)
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     images, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": dropout_key})
-    loss = training_loss(logits, batch["label"], config.augment.label_smoothing)
-    return (loss + optimizers.loss_weight_decay(config) * optimizers.l2_penalty(params),
-            (logits, updates))
+  def micro_step(batch_stats, micro):
+    """(gradient, metric sums) of one micro-batch, and the BatchNorm statistics after it."""
+    images, labels, key = micro
+    def loss_fn(params):
+      logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
+                                       images, train=True, mutable=["batch_stats"],
+                                       rngs={"dropout": key})
+      loss = training_loss(logits, labels, config.augment.label_smoothing)
+      return (loss + optimizers.loss_weight_decay(config) * optimizers.l2_penalty(params),
+              (logits, updates["batch_stats"]))
+    grads, (logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return batch_stats, (grads, _metrics(logits, labels))
 
-  grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-  metrics = _metrics(logits, batch["label"])
+  k = config.optim.micro_batches
+  if k == 1:
+    batch_stats, (grads, metrics) = micro_step(state.batch_stats,
+                                               (images, batch["label"], dropout_key))
+  else:
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    keys = jax.random.split(dropout_key, k)
+    batch_stats, (grads, metrics) = jax.lax.scan(
+        micro_step, state.batch_stats, (split(images), split(batch["label"]), keys))
+    grads = jax.tree.map(lambda g: g.mean(0), grads)
+    metrics = jax.tree.map(lambda m: m.sum(0), metrics)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.psum(metrics, axis_name)
-  state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-  return state, metrics
+  step = state.step
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return _update_ema(state, config, step), metrics
 
 
 TOP_K = 5  # Evaluations count top-5 hits beside top-1 (ImageNet results quote both).

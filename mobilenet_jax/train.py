@@ -139,7 +139,7 @@ def _set_up(config, workdir: str, lock) -> _Run:
   state = checkpointer.restore(steps.create_train_state(
       models.create_model(config.model, axis_name=runner.axis_name),
       optimizers.create_optimizer(config, runner.steps_per_epoch), sampler.init_key(config.seed),
-      config.input.image_size))
+      config.input.image_size, ema=config.ema.decay > 0))
   step = int(state.step)
   if step:
     logging.info("Resuming from the checkpoint at step %d.", step)
@@ -243,8 +243,7 @@ def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
              "epoch": epoch}
   evaluation = None
   if finished or epoch % config.eval.every_epochs == 0:
-    evaluation = _sum(runner.metrics(run.feed.evaluate(run.state,
-                                                       inference.Views.of(config, shift=False))))
+    evaluation = _evaluate(runner, run.feed, run.state, inference.Views.of(config, shift=False))
     scalars.update({k: v for k, v in _test_results(evaluation, per_class=False).items()
                     if k != "test_examples"})
   _log(run, scalars)
@@ -259,16 +258,14 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
   are on: too costly for every epoch's), written to results.json."""
   config = run.config
   if last_eval is None or config.eval.shift:
-    last_eval = _sum(run.runner.metrics(run.feed.evaluate(run.state, inference.Views.of(config))))
+    last_eval = _evaluate(run.runner, run.feed, run.state, inference.Views.of(config))
   results = {**_test_results(last_eval), "epochs": config.num_epochs,
              "params": run.summary.params, "macs": run.summary.macs,
              "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
   run.lock.check()
   if run.logger:
     workdirs.write_results(run.workdir, results)
-    print(f"test accuracy {results['test_accuracy']:.4f} (top-5 "
-          f"{results['test_top5_accuracy']:.4f}) on {results['test_examples']} examples (loss "
-          f"{results['test_loss']:.4f})", flush=True)
+    _print_results(results)
   return results
 
 
@@ -279,14 +276,28 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   state = workdirs.restore_trained(workdir, config)
   _, runner, feed = _load(config)
   try:
-    test = _sum(runner.metrics(feed.evaluate(runner.put_state(state), inference.Views.of(config))))
+    test = _evaluate(runner, feed, runner.put_state(state), inference.Views.of(config))
   finally:
     feed.close()
   results = {**_test_results(test), "step": int(state.step)}
-  print(f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} (top-5 "
-        f"{results['test_top5_accuracy']:.4f}) on {results['test_examples']} examples (loss "
-        f"{results['test_loss']:.4f})", flush=True)
+  _print_results(results, f"step {results['step']}: ")
   return results
+
+
+def _print_results(results: dict, prefix: str = "") -> None:
+  """The test metrics in a line, and the weight average's in another when kept."""
+  for weights, name in (("", ""), ("ema_", "weight average (config.ema): ")):
+    if f"{weights}test_accuracy" in results:
+      print(f"{prefix}{name}test accuracy {results[f'{weights}test_accuracy']:.4f} (top-5 "
+            f"{results[f'{weights}test_top5_accuracy']:.4f}) on {results['test_examples']} "
+            f"examples (loss {results[f'{weights}test_loss']:.4f})", flush=True)
+
+
+def _evaluate(runner, feed, state, views) -> dict:
+  """The evaluation's metric sums for the weights (key '') and, when kept, for their average
+  ('ema_'), on the test-time `views`."""
+  weights = {"": state} if state.ema is None else {"": state, "ema_": steps.averaged(state)}
+  return {prefix: _sum(runner.metrics(feed.evaluate(w, views))) for prefix, w in weights.items()}
 
 
 def _load(config):
@@ -307,19 +318,22 @@ def _load(config):
   return data, runner, parallel.DeviceFeed(runner, data)
 
 
-def _test_results(sums, per_class: bool = True) -> dict:
-  """An evaluation's results; `per_class`: with each class's accuracy and the confusion
-  matrix (rows: the true class, columns: the predicted one)."""
-  count = sums["count"]
-  results = {"test_accuracy": sums["correct"] / count,
-             "test_top5_accuracy": sums["correct_top5"] / count,
-             "test_loss": sums["loss"] / count, "test_examples": int(count)}
-  if per_class:
-    confusion = np.asarray(sums["confusion"])
-    results["test_per_class_accuracy"] = (np.diag(confusion) /
-                                          np.maximum(confusion.sum(1), 1)).tolist()
-    results["test_confusion"] = confusion.astype(int).tolist()
-  return results
+def _test_results(evaluation: dict, per_class: bool = True) -> dict:
+  """An evaluation's (`_evaluate`) results, those of the weight average prefixed 'ema_';
+  `per_class`: with each class's accuracy and the confusion matrix (rows: the true class,
+  columns: the predicted one)."""
+  results = {}
+  for prefix, sums in evaluation.items():
+    count = sums["count"]
+    results.update({f"{prefix}test_accuracy": sums["correct"] / count,
+                    f"{prefix}test_top5_accuracy": sums["correct_top5"] / count,
+                    f"{prefix}test_loss": sums["loss"] / count})
+    if per_class:
+      confusion = np.asarray(sums["confusion"])
+      results[f"{prefix}test_per_class_accuracy"] = (np.diag(confusion) /
+                                                     np.maximum(confusion.sum(1), 1)).tolist()
+      results[f"{prefix}test_confusion"] = confusion.astype(int).tolist()
+  return {**results, "test_examples": int(evaluation[""]["count"])}
 
 
 def _sum(metrics) -> dict:

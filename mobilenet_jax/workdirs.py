@@ -16,7 +16,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from mobilenet_jax import checkpoints, errors, inference, metric_logging, models, multihost
+from mobilenet_jax import checkpoints, errors, inference, metric_logging, models, multihost, steps
 
 CONFIG_FILE = "config.json"          # The run's config (load_config reads older ones too).
 LABELS_FILE = "label_names.json"     # The class names, in label order.
@@ -61,8 +61,10 @@ FLAT_ADDED = {"eval_flip": False, "inference_chunk": None, "eval_shift": 0,
 MODEL_ADDED = {"kernel_init": "he_normal", "padding": "symmetric", "activation": "relu",
                "bn_momentum": 0.9, "bn_epsilon": 1e-5, "dropout": 0.0}
 # Grouped fields added since, likewise: the grouping itself added the step cadences; the
-# optimizers and schedules came on 2026-12-04, when every run was SGD on a piecewise schedule.
-ADDED_FIELDS = {"checkpoint.every_steps": None, "log.every_steps": None,
+# optimizers, schedules, weight averaging and micro-batches came on 2026-12-04, when every run
+# was SGD on a piecewise schedule, without them.
+ADDED_FIELDS = {"ema.decay": 0.0, "ema.num_updates": False, "optim.micro_batches": 1,
+                "checkpoint.every_steps": None, "log.every_steps": None,
                 "optim.name": "sgd", "optim.nesterov": True, "optim.decay": None,
                 "optim.rms_decay": 0.9, "optim.rms_initial": 1.0, "optim.b1": 0.9,
                 "optim.b2": 0.999, "optim.epsilon": None, "optim.clip_norm": None,
@@ -75,7 +77,7 @@ ADDED_FIELDS = {"checkpoint.every_steps": None, "log.every_steps": None,
 class Trained:
   config: ml_collections.ConfigDict
   model: models.MobileNetV1
-  variables: dict  # {'params', 'batch_stats'}
+  variables: dict  # {'params', 'batch_stats'}: the weight average's, unless `raw` or none.
   label_names: tuple[str, ...]
   step: int
 
@@ -324,12 +326,20 @@ def restore_trained(workdir: str, config):
     checkpointer.close()
 
 
-def load(workdir: str) -> Trained:
-  """Restores the latest checkpoint of a `run.py` workdir with the config saved beside it."""
+# predict, export and convert --out: the flag that picks the raw weights over their average.
+RAW_FLAG_HELP = ("Use the trained weights themselves, not their moving average (config.ema), "
+                 "which is used when the workdir has one.")
+
+
+def load(workdir: str, raw: bool = False) -> Trained:
+  """Restores the latest checkpoint of a `run.py` workdir with the config saved beside it:
+  its weight average (config.ema) if it has one and not `raw`, else its weights."""
   config = load_config(workdir)
   state = restore_trained(workdir, config)
   with open(os.path.join(workdir, LABELS_FILE), encoding="utf-8") as f:
     label_names = tuple(json.load(f))
+  if state.ema is not None and not raw:
+    state = steps.averaged(state)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return Trained(config, models.create_model(config.model), variables, label_names,
                  int(state.step))
@@ -341,7 +351,8 @@ LAYOUT_FIELDS = ("alpha", "stem_stride", "shallow", "use_bias", "padding", "acti
 
 
 def start_from(state, config):
-  """`state` with the params and BatchNorm statistics of `config.init_from`'s latest checkpoint.
+  """`state` with the params and BatchNorm statistics of `config.init_from`'s latest checkpoint
+(its weight average, if it kept one); this run's average, if kept, starts from them.
 
   The layout (LAYOUT_FIELDS, input normalization) must be the same: weights do not carry over
   between paddings or activations. A head of another class count keeps its fresh init.
@@ -363,7 +374,7 @@ def start_from(state, config):
                  "for %d classes.", config.init_from, source.step, theirs[-1], ours[-1])
   else:
     logging.info("Starting from %s (step %d).", config.init_from, source.step)
-  return state.replace(params=params, batch_stats=source.variables["batch_stats"])
+  return steps.with_weights(state, params, source.variables["batch_stats"])
 
 
 def logits_fn(trained: Trained):

@@ -51,7 +51,8 @@ def fresh_state(config, steps_per_epoch=4):
   from mobilenet_jax import models, optimizers, steps  # pylint: disable=g-import-not-at-top
   return steps.create_train_state(models.create_model(config.model),
                                   optimizers.create_optimizer(config, steps_per_epoch),
-                                  jax.random.key(0), config.input.image_size)
+                                  jax.random.key(0), config.input.image_size,
+                                  ema=config.ema.decay > 0)
 
 
 def random_batch(config, n=16, size=32, seed=0):
@@ -77,12 +78,14 @@ def inference_logits(model, variables, images):
 
 
 def assert_same_state(a, b):
-  """Two TrainStates equal bit for bit: step, params, BatchNorm statistics and optimizer state."""
+  """Two TrainStates equal bit for bit: step, params, BatchNorm statistics, optimizer state
+  and weight average."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   assert int(a.step) == int(b.step)
-  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
-                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+  assert jax.tree.structure(a.ema) == jax.tree.structure(b.ema)
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state, a.ema)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state, b.ema))):
     np.testing.assert_array_equal(x, y)
 
 
@@ -213,8 +216,9 @@ def make_image_folder(root, num_classes=3, per_class=20, seed=0):
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, worker_id):
-  """One smoke training (2 epochs, 8 steps) by run.py for the whole session, every xdist worker
-  included, for the tests that only read it; its stdout is in `trained.stdout` beside it."""
+  """One smoke training (2 epochs, 8 steps, a weight average) by run.py for the whole session,
+  every xdist worker included, for the tests that only read it; its stdout is in
+  `trained.stdout` beside it."""
   # Under xdist each worker has its own basetemp in the session's folder: they meet in that one.
   root = tmp_path_factory.getbasetemp()
   root = root if worker_id == "master" else root.parent
@@ -222,7 +226,7 @@ def trained_workdir(tmp_path_factory, worker_id):
   with open(root / "trained.lock", "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # The first worker trains; the other waits, then reads.
     if not (workdir / "results.json").exists():
-      result = run_mocked(*smoke_args(workdir))
+      result = run_mocked(*smoke_args(workdir, "--config.ema.decay=0.5"))
       assert result.returncode == 0, result.stderr[-3000:]
       (root / "trained.stdout").write_text(result.stdout)
   return workdir

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHARED_TFDS, inference_logits, run_mocked, smoke_args
-from mobilenet_jax import export, input_pipeline, models, workdirs
+from conftest import ROOT, SHARED_TFDS, inference_logits, restore_latest, run_mocked, smoke_args
+from mobilenet_jax import checkpoints, export, input_pipeline, models, workdirs
 
 pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
@@ -57,10 +57,16 @@ def test_workdir_saved_before_new_config_fields_loads_with_their_old_behaviour(
     trained_workdir, tmp_path):
   old, explicit = tmp_path / "old", tmp_path / "explicit"
   config = json.loads((trained_workdir / "config.json").read_text())
-  # Workdirs from before config.model.padding were trained with PyTorch's padding and BatchNorm.
+  # Workdirs from before config.model.padding were trained with PyTorch's padding and BatchNorm,
+  # and before config.ema, without a weight average: their checkpoints hold none.
   config["model"].update(padding="symmetric", activation="relu", bn_momentum=0.9, bn_epsilon=1e-5)
+  config["ema"]["decay"] = 0.0
+  state = restore_latest(trained_workdir, workdirs.load_config(str(trained_workdir)))
   for workdir in (old, explicit):
-    shutil.copytree(trained_workdir, workdir)
+    shutil.copytree(trained_workdir, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    saver = checkpoints.Checkpointer(workdirs.checkpoint_dir(str(workdir)), 1, writer=True)
+    saver.save(state.replace(ema=None))
+    saver.close()
   (explicit / "config.json").write_text(json.dumps(config))
   # Those fields came before the config's groups: a workdir without them has a flat config.
   config = {old_name: config[new.split(".")[0]][new.split(".")[1]]
@@ -121,6 +127,28 @@ def test_predict_prints_the_most_probable_classes_for_png_jpeg_gray_and_rgba(
   for path, image in zip(paths, as_read.values()):
     expected += [str(path), *_expected_top(trained, image, 3)]
   assert result.stdout.splitlines() == expected
+
+
+def test_predict_export_and_convert_read_the_weight_average_and_raw_reads_the_weights(
+    trained_workdir, tmp_path):
+  # The shared workdir trained with config.ema.decay=0.5: its checkpoint holds both.
+  config = workdirs.load_config(str(trained_workdir))
+  state = restore_latest(trained_workdir, config)
+  kept = {"ema": state.ema, "raw": {"params": state.params, "batch_stats": state.batch_stats}}
+  image = np.random.default_rng(2).integers(0, 256, (16, 16, 3), np.uint8)
+  Image.fromarray(image).save(tmp_path / "image.png")
+  printed = {}
+  for weights, flags in (("ema", []), ("raw", ["--raw"])):
+    loaded = workdirs.load(str(trained_workdir), raw=weights == "raw")  # export, convert --out
+    for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(kept[weights])):
+      np.testing.assert_array_equal(a, b)
+    result = _predict(trained_workdir, tmp_path / "image.png", "--top=10", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed[weights] = result.stdout.splitlines()[1:]
+    expected = workdirs.Trained(config, models.create_model(config.model), kept[weights],
+                                loaded.label_names, int(state.step))
+    assert printed[weights] == _expected_top(expected, image, 10)
+  assert printed["ema"] != printed["raw"]
 
 
 def test_predict_classifies_the_centre_square_of_a_non_square_image(trained_workdir, tmp_path):

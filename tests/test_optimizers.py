@@ -150,6 +150,9 @@ def test_clipping_scales_the_gradient_to_the_global_norm():
      "shorter than the run"),
     ("schedule.decay_factor", 1.5, "config.schedule.decay_factor=1.5"),
     ("schedule.final_rate", 1.0, "config.schedule.final_rate=1.0: must be in"),
+    ("ema.decay", 1.0, "config.ema.decay=1.0: must be in"),
+    ("optim.micro_batches", 3, "config.optim.micro_batches=3: must be >= 1 and divide each "
+     "device's share of config.input.batch_size=16"),
 ])
 def test_a_bad_optimizer_or_schedule_is_one_line_naming_the_field(field, value, match, tmp_path):
   config = cifar.get_config("smoke")  # 2 epochs.
@@ -157,3 +160,32 @@ def test_a_bad_optimizer_or_schedule_is_one_line_naming_the_field(field, value, 
   with pytest.raises(errors.ConfigError, match=match.replace("(", r"\(")) as refusal:
     config_lib.check_config(config, str(tmp_path))
   assert "\n" not in str(refusal.value)
+
+
+# SGD on the piecewise schedule, the default, trains in most tests: the shared `trained_workdir`
+# with a weight average, and under pmap in test_parallel.
+@pytest.mark.slow
+@pytest.mark.parametrize("optim, schedule, parallel", [
+    ({"name": "rmsprop"}, {"name": "exponential", "decay_epochs": 1.0, "staircase": False},
+     "pmap"),
+    ({"name": "adamw", "weight_decay": 0.05, "clip_norm": 1.0},
+     {"name": "cosine", "learning_rate": 1e-3, "warmup_epochs": 1.0}, "jit"),
+    ({"name": "lamb", "weight_decay": 0.05, "micro_batches": 2},
+     {"name": "cosine", "learning_rate": 1e-3}, "pmap"),
+])
+def test_the_smoke_run_trains_with_each_optimizer_and_schedule_and_a_weight_average(
+    mock_tfds, smoke_config, tmp_path, optim, schedule, parallel):
+  from mobilenet_jax import metric_logging, train  # pylint: disable=g-import-not-at-top
+  del mock_tfds
+  smoke_config.optim.update(optim)
+  smoke_config.schedule.update(schedule)
+  smoke_config.update(parallel=parallel)
+  smoke_config.ema.update(decay=0.9, num_updates=True)
+  results = train.train_and_evaluate(smoke_config, str(tmp_path))
+  rows = metric_logging.read_metrics(str(tmp_path))
+  assert [r["epoch"] for r in rows] == [1, 2]
+  rates = optimizers.learning_rate_schedule(smoke_config, 4)
+  for row in rows:
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["ema_test_loss"])
+    np.testing.assert_allclose(row["learning_rate"], rates(row["step"] - 1), rtol=1e-6)
+  assert np.isfinite(results["ema_test_loss"]) and results["test_examples"] == 40

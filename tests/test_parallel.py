@@ -59,8 +59,9 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
       np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
-# One train step with dropout from one state on one batch, by each runner on 8 devices, and
-# the dropout masks alone: printed for the test to compare.
+# One train step with dropout from one state on one batch, by each runner on 8 devices, whole
+# and in 2 micro-batches, with a weight average; and the dropout masks alone: printed for the
+# test to compare.
 _DROPOUT_STEPS = """
 import json, sys
 import jax, numpy as np
@@ -69,19 +70,21 @@ from mobilenet_jax import input_pipeline, models, optimizers, parallel, steps
 config = cifar.get_config("smoke")
 config.model.update(dropout=0.5, shallow=True, stem_stride=1)  # WELL_CONDITIONED.
 config.input.image_size = 32
+config.ema.decay = 0.5
 rng = np.random.default_rng(0)
 split = input_pipeline.Split(rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
                              rng.integers(0, 10, (64,), np.int32))
 params = {}
-for mode in ("jit", "pmap"):
-  config.parallel = mode
+for mode, k in [(m, k) for m in ("jit", "pmap") for k in (1, 2)]:
+  config.parallel, config.optim.micro_batches = mode, k
   runner = parallel.create_runner(config, 64)
   state = runner.put_state(steps.create_train_state(
       models.create_model(config.model, axis_name=runner.axis_name),
-      optimizers.create_optimizer(config, 4), jax.random.key(0), 32))
+      optimizers.create_optimizer(config, 4), jax.random.key(0), 32, ema=True))
   state, _ = runner.train(state, runner.put_train_data(split), runner.shuffle(state))
-  params[mode] = [np.asarray(x).tolist() for x in
-                             jax.tree.leaves(runner.get_state(state).params)]
+  state = runner.get_state(state)
+  params[f"{mode}{k}"] = [np.asarray(x).tolist() for x in
+                          jax.tree.leaves((state.params, state.batch_stats, state.ema))]
 dropout = lambda axis, rows: models.Dropout(0.5, axis).apply(
     {}, np.ones((rows, 64), np.float32), True, rngs={"dropout": jax.random.key(3)})
 masks = {"one": np.asarray(jax.jit(lambda: dropout(None, 16))()).tolist(),
@@ -92,6 +95,7 @@ print(json.dumps({"params": params, "masks": masks}))
 
 
 def test_under_pmap_each_device_drops_what_one_device_would_drop_of_the_whole_batch():
+  # And takes its share of each micro-batch (steps.py): pmap's micro-batches are jit's.
   result = subprocess.run([sys.executable, "-c", _DROPOUT_STEPS], cwd=ROOT, check=False,
                           capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, **EIGHT_DEVICES})
@@ -100,5 +104,7 @@ def test_under_pmap_each_device_drops_what_one_device_would_drop_of_the_whole_ba
   masks = {k: np.asarray(v) for k, v in out["masks"].items()}
   assert set(np.unique(masks["one"])) == {0.0, 2.0}  # Kept values scaled by 1 / (1 - 0.5).
   np.testing.assert_array_equal(masks["pmap"], masks["one"])
-  for a, b in zip(out["params"]["pmap"], out["params"]["jit"]):  # Rounding apart: equal.
-    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+  for k in (1, 2):  # Rounding apart: equal (params, BatchNorm statistics, weight average).
+    for a, b in zip(out["params"][f"pmap{k}"], out["params"][f"jit{k}"]):
+      np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+  assert not np.allclose(out["params"]["jit1"][0], out["params"]["jit2"][0])

@@ -167,7 +167,7 @@ def test_padding_rows_that_the_model_would_classify_correctly_are_never_counted(
   runner = parallel.create_runner(smoke_config, 64)
   sums = train._sum(runner.metrics(runner.evaluate(
       runner.put_state(state), *runner.put_eval_data(split), inference.Views())))
-  results = train._test_results(sums)  # pylint: disable=protected-access
+  results = train._test_results({"": sums})  # pylint: disable=protected-access
   confusion = np.zeros((10, 10))
   np.add.at(confusion, (labels, 0), 1)  # Every example predicted as class 0.
   loss = np.log(np.exp(bias).sum()) - bias[labels]
@@ -248,3 +248,68 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
   np.testing.assert_allclose(steps.training_loss(logits, labels), plain, rtol=1e-6)
   np.testing.assert_allclose(steps.training_loss(logits, labels, 0.2), 0.8 * plain + 0.2 * uniform,
                              rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_weight_average_follows_tensorflows_recurrence_with_its_warm_up(smoke_config):
+  # TensorFlow's ExponentialMovingAverage with num_updates: decay_t = min(0.9, (1+t)/(10+t))
+  # (0.1, 0.18, 0.25, ...: the warm-up decides every step here), over params and BatchNorm
+  # statistics, from the initial weights; computed in float64 from each step's weights.
+  config = _configured(smoke_config, {**_PLAIN, "ema.decay": 0.9, "ema.num_updates": True})
+  state, batch = _state(config), _batch(config)
+  step = jax.jit(lambda s: steps.train_step(s, batch, jax.random.key(0), config))
+  weights = lambda s: jax.tree.map(lambda x: np.asarray(x, np.float64),
+                                   {"params": s.params, "batch_stats": s.batch_stats})
+  expected = weights(state)
+  for t in range(4):
+    state, _ = step(state)
+    decay = min(0.9, (1 + t) / (10 + t))
+    expected = jax.tree.map(lambda a, w, d=decay: d * a + (1 - d) * w, expected, weights(state))
+  assert set(_flat(state.ema)) == set(_flat(expected))
+  for path, value in _flat(expected).items():
+    np.testing.assert_allclose(_flat(state.ema)[path], value, rtol=1e-5,
+                               atol=1e-6 * max(1.0, np.abs(value).max()), err_msg=str(path))
+  # It is not the weights themselves: the average lags them.
+  assert not np.allclose(state.ema["params"]["head"]["kernel"], state.params["head"]["kernel"])
+
+
+class _NoBatchNorm(flax.linen.Module):
+  """Two dense layers: a micro-batch's gradient depends on its examples alone. Its one
+  'batch_stats' variable counts the training passes (BatchNorm's updates, one per pass)."""
+
+  @flax.linen.compact
+  def __call__(self, x, train: bool = False):
+    passes = self.variable("batch_stats", "passes", lambda: jnp.zeros((), jnp.int32))
+    if train:
+      passes.value += 1
+    hidden = flax.linen.relu(flax.linen.Dense(32)(x.reshape(x.shape[0], -1)))
+    return flax.linen.Dense(10)(hidden)
+
+
+@pytest.mark.slow
+def test_micro_batches_give_the_step_of_the_whole_batch_without_batchnorm(smoke_config):
+  # Momentum and L2 decay, two steps: the accumulated mean gradient must equal the batch's.
+  config = _configured(smoke_config, {**_PLAIN, "optim.weight_decay": 0.01})
+  model, batch = _NoBatchNorm(), _batch(config)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  results = {}
+  for k in (1, 4):
+    config.optim.micro_batches = k
+    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    tx=optimizers.create_optimizer(config, 4),
+                                    batch_stats=variables["batch_stats"])
+    step = jax.jit(functools.partial(steps.train_step, config=config))
+    metrics = []
+    for i in range(2):
+      state, m = step(state, batch, jax.random.key(i))
+      metrics.append(m)
+    results[k] = (state, metrics)
+  (whole, whole_metrics), (micro, micro_metrics) = results[1], results[4]
+  assert int(whole.batch_stats["passes"]) == 2 and int(micro.batch_stats["passes"]) == 8
+  for path, value in _flat(whole.params).items():
+    np.testing.assert_allclose(_flat(micro.params)[path], value, rtol=1e-5, atol=1e-6,
+                               err_msg=str(path))
+  assert not np.allclose(whole.params["Dense_1"]["bias"], variables["params"]["Dense_1"]["bias"])
+  for a, b in zip(whole_metrics, micro_metrics):
+    np.testing.assert_allclose(float(b["loss"]), float(a["loss"]), rtol=1e-5)
+    assert float(b["correct"]) == float(a["correct"]) and float(b["count"]) == 16

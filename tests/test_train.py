@@ -142,21 +142,23 @@ def test_resumes_at_every_cadence_equal_a_straight_run_and_prune_old_checkpoints
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   smoke_config.update_from_flattened_dict({"augment.alternate_flips": True, "augment.cutout": 4,
                                            "eval.every_epochs": 2, "checkpoint.every_epochs": 2,
-                                           "checkpoint.keep": 1})
+                                           "checkpoint.keep": 1, "ema.decay": 0.9,
+                                           "ema.num_updates": True, "optim.micro_batches": 2})
   smoke_config.num_epochs = 4
   expected = train.train_and_evaluate(smoke_config, str(straight))
   for epochs in (1, 3, 4, 4):  # Each stop saves its last step; the last run finds it finished.
     smoke_config.num_epochs = epochs
     results = train.train_and_evaluate(smoke_config, str(resumed))
   assert_same_state(restore_latest(straight, smoke_config), restore_latest(resumed, smoke_config))
-  for key in ("test_accuracy", "test_loss", "test_examples"):
+  for key in ("test_accuracy", "test_loss", "test_examples", "ema_test_accuracy", "ema_test_loss"):
     assert results[key] == expected[key], key
   assert os.listdir(straight / "checkpoints") == os.listdir(resumed / "checkpoints") == ["16"]
   rows = metric_logging.read_metrics(str(straight))
   assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
   assert [r["epoch"] for r in rows if "test_loss" in r] == [2, 4]
   last = metric_logging.read_metrics(str(resumed))[-1]
-  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate"):
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
+              "ema_test_loss"):
     assert last[key] == rows[-1][key], key
 
 
@@ -213,8 +215,9 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
           "test_confusion"} <= set(results)
   assert results["test_examples"] == 40 and results["epochs"] == 2
   assert np.asarray(results["test_confusion"]).sum() == 40
-  assert (f"test accuracy {results['test_accuracy']:.4f} (top-5 "
-          f"{results['test_top5_accuracy']:.4f}) on 40 examples") in stdout
+  for weights, line in (("", ""), ("ema_", "weight average (config.ema): ")):
+    assert (f"{line}test accuracy {results[f'{weights}test_accuracy']:.4f} (top-5 "
+            f"{results[f'{weights}test_top5_accuracy']:.4f}) on 40 examples") in stdout
   assert "total" in stdout and "block13/pointwise/conv" in stdout  # The summary.
   records = metric_logging.read_metrics(str(trained_workdir))
   assert [r["epoch"] for r in records] == [1, 2] and "learning_rate" in records[0]
