@@ -76,27 +76,23 @@ def test_each_schedule_is_its_closed_form_at_its_boundaries_warm_up_included(ove
                                rtol=2e-6, err_msg=f"step {step}")
 
 
-def test_imagenet_recipe_is_slims_scaled_to_the_global_batch(monkeypatch):
+@pytest.mark.parametrize("preset, per_rate, every, epochs", [
+    ("train", 64, 2.5, (0, 2.4, 2.5, 7.6, 99.9)), ("paper", 32, 2.0, (0, 1.9, 2.0, 7.6, 99.9))])
+def test_the_imagenet_recipes_are_slims_scaled_to_the_global_batch(monkeypatch, preset, per_rate,
+                                                                    every, epochs):
+  # Slim: 0.045 for `per_rate` images, staircase x0.94 every `every` epochs; here 4 processes
+  # of 64 images, the rate scaled as the batch.
   monkeypatch.setattr(config_lib.jax, "process_count", lambda: 4)
-  config = config_lib.with_global_batch(imagenet.get_config("train"))
-  assert config.input.batch_size == 256  # 64 per process.
+  config = config_lib.with_global_batch(imagenet.get_config(preset))
+  assert config.input.batch_size == 256
   schedule = optimizers.learning_rate_schedule(config, steps_per_epoch=100)
-  # Slim: 0.045 for 64 images, staircase x0.94 every 2.5 epochs; here 4x the batch, 4x the rate.
-  for epoch in (0, 2.4, 2.5, 7.6, 99.9):
+  for epoch in epochs:
     np.testing.assert_allclose(float(schedule(int(epoch * 100))),
-                               4 * 0.045 * 0.94 ** (epoch // 2.5), rtol=1e-6)
+                               256 / per_rate * 0.045 * 0.94 ** (epoch // every), rtol=1e-6)
 
 
-def test_the_papers_recipe_is_tensorflows_rmsprop_and_average_scaled_to_the_global_batch(
-    monkeypatch):
-  monkeypatch.setattr(config_lib.jax, "process_count", lambda: 4)
-  config = config_lib.with_global_batch(imagenet.get_config("paper"))
-  assert config.input.batch_size == 256  # 64 per process.
-  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch=100)
-  # 0.045 for 32 images, staircase x0.94 every 2 epochs; here 8x the batch, 8x the rate.
-  for epoch in (0, 1.9, 2.0, 7.6, 99.9):
-    np.testing.assert_allclose(float(schedule(int(epoch * 100))),
-                               8 * 0.045 * 0.94 ** (epoch // 2), rtol=1e-6)
+def test_the_papers_recipe_is_tensorflows_rmsprop_with_a_weight_average():
+  config = imagenet.get_config("paper")
   optim = config.optim
   assert (optim.name, optim.momentum, optim.rms_decay, optim.rms_initial, optim.epsilon) == (
       "rmsprop", 0.9, 0.9, 1.0, 1.0)
