@@ -105,6 +105,17 @@ def smoke_args(workdir, *flags):
           "--config.log.progress_bar=False", f"--workdir={workdir}", *flags]
 
 
+# The shared `trained_workdir`'s fields beyond the smoke preset's: a test that retrains it to
+# compare sets them too (`trained_args`, or its config updated with them).
+TRAINED_OVERRIDES = {"ema.decay": 0.5}
+
+
+def trained_args(workdir, *flags):
+  """`smoke_args` for the run of `trained_workdir`, then `flags`."""
+  return smoke_args(workdir, *(f"--config.{k}={v}" for k, v in TRAINED_OVERRIDES.items()),
+                    *flags)
+
+
 def _mocked_command(args, env):
   """run.py's command line as the tests launch it (`mock_run.py`), and its environment."""
   return ([sys.executable, str(ROOT / "tests" / "mock_run.py"), *args],
@@ -216,7 +227,7 @@ def make_image_folder(root, num_classes=3, per_class=20, seed=0):
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, worker_id):
-  """One smoke training (2 epochs, 8 steps, a weight average) by run.py for the whole session,
+  """One smoke training (2 epochs, 8 steps, `TRAINED_OVERRIDES`) by run.py for the whole session,
   every xdist worker included, for the tests that only read it; its stdout is in
   `trained.stdout` beside it."""
   # Under xdist each worker has its own basetemp in the session's folder: they meet in that one.
@@ -226,7 +237,7 @@ def trained_workdir(tmp_path_factory, worker_id):
   with open(root / "trained.lock", "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # The first worker trains; the other waits, then reads.
     if not (workdir / "results.json").exists():
-      result = run_mocked(*smoke_args(workdir, "--config.ema.decay=0.5"))
+      result = run_mocked(*trained_args(workdir))
       assert result.returncode == 0, result.stderr[-3000:]
       (root / "trained.stdout").write_text(result.stdout)
   return workdir

@@ -76,8 +76,9 @@ def test_eval_reads_the_workdirs_config_and_a_bad_override_is_one_line(trained_w
                       f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   trained = json.loads((trained_workdir / "results.json").read_text())
-  assert (f"step 8: test accuracy {trained['test_accuracy']:.4f} (top-5 "
-          f"{trained['test_top5_accuracy']:.4f}) on 40 examples") in result.stdout  # As trained.
+  for weights, name in (("", ""), ("ema_", "weight average (config.ema): ")):  # As trained.
+    assert (f"step 8: {name}test accuracy {trained[f'{weights}test_accuracy']:.4f} (top-5 "
+            f"{trained[f'{weights}test_top5_accuracy']:.4f}) on 40 examples") in result.stdout
   result = run_mocked("--config=configs/cifar.py", "--config.mode=eval",
                       "--config.model.alpha=0.5", f"--workdir={workdir}")
   _one_error_line(result, "does not fit the configured model")

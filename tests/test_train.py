@@ -14,12 +14,19 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import (assert_same_state, fresh_state, latest_step, restore_latest, run_mocked,
-                      smoke_args, start_mocked)
+from conftest import (TRAINED_OVERRIDES, assert_same_state, fresh_state, latest_step,
+                      restore_latest, run_mocked, smoke_args, start_mocked, trained_args)
 from mobilenet_jax import arrays, checkpoints, config_lib, input_pipeline, metric_logging, steps
 from mobilenet_jax import train, workdirs
 
 TIMING = ("wall_s", "train_images_per_s")  # What two equal runs may differ in.
+
+
+@pytest.fixture
+def trained_config(smoke_config):
+  """The config of the shared `trained_workdir`'s run, for the tests that compare with it."""
+  smoke_config.update_from_flattened_dict(TRAINED_OVERRIDES)
+  return smoke_config
 
 
 def _untimed(record: dict) -> dict:
@@ -291,18 +298,18 @@ def test_resuming_with_an_incompatible_config_says_so(mock_tfds, smoke_config, t
 
 
 @pytest.mark.slow
-def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, smoke_config,
+def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, trained_config,
                                                                   trained_workdir, tmp_path):
   """tfds -> `arrays.write` (in chunks) -> `npz:` trains what the tfds run trained, bit for bit."""
   del mock_tfds
-  data = input_pipeline.load(smoke_config)  # The smoke preset's 64 and 40 examples.
+  data = input_pipeline.load(trained_config)  # The smoke preset's 64 and 40 examples.
   files = arrays.write(data, str(tmp_path / "cifar10"), chunk_bytes=30 * 32 * 32 * 3)
   assert len(files) == 4
   workdir = tmp_path / "from_arrays"
-  result = run_mocked(*smoke_args(workdir, f"--config.data.name=npz:{tmp_path / 'cifar10'}"))
+  result = run_mocked(*trained_args(workdir, f"--config.data.name=npz:{tmp_path / 'cifar10'}"))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert_same_state(restore_latest(workdir, smoke_config),
-                    restore_latest(trained_workdir, smoke_config))
+  assert_same_state(restore_latest(workdir, trained_config),
+                    restore_latest(trained_workdir, trained_config))
   read = lambda folder, name: json.loads((folder / name).read_text())
   assert read(workdir, "label_names.json") == read(trained_workdir, "label_names.json")
   assert _untimed(read(workdir, "results.json")) == _untimed(read(trained_workdir, "results.json"))
@@ -310,9 +317,9 @@ def test_a_tfds_dataset_written_as_arrays_trains_the_same_weights(mock_tfds, smo
 
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_refuses_and_a_killed_runs_lock_is_taken_over(
-    smoke_config, trained_workdir, tmp_path):
+    trained_config, trained_workdir, tmp_path):
   workdir, lock = tmp_path / "run", tmp_path / "run" / workdirs.LOCK_FILE
-  first = start_mocked(*smoke_args(workdir), log=tmp_path / "first.log")
+  first = start_mocked(*trained_args(workdir), log=tmp_path / "first.log")
   _wait_for(lock, first)
   first.send_signal(signal.SIGSTOP)  # Holding the lock, as a run in the middle of its work.
   try:
@@ -326,11 +333,11 @@ def test_a_second_run_on_a_busy_workdir_refuses_and_a_killed_runs_lock_is_taken_
   finally:
     first.send_signal(signal.SIGCONT)
   assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
-  _assert_same_run(workdir, trained_workdir, smoke_config)  # As if it had been alone.
+  _assert_same_run(workdir, trained_workdir, trained_config)  # As if it had been alone.
   assert not lock.exists()
 
   # A run killed with its lock in place: the rerun takes it over and resumes.
-  killed = start_mocked(*smoke_args(workdir, "--config.num_epochs=100000"),
+  killed = start_mocked(*trained_args(workdir, "--config.num_epochs=100000"),
                         log=tmp_path / "killed.log")
   _wait_for(workdir / "checkpoints" / "12", killed)
   killed.send_signal(signal.SIGKILL)
@@ -338,7 +345,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_and_a_killed_runs_lock_is_taken_
   assert json.loads(lock.read_text())["pid"] == killed.pid
   saved = latest_step(workdir)
   epochs = saved // 4 + 1
-  rerun = run_mocked(*smoke_args(workdir, f"--config.num_epochs={epochs}"))
+  rerun = run_mocked(*trained_args(workdir, f"--config.num_epochs={epochs}"))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"Took over the lock of pid {killed.pid} on {socket.gethostname()}" in rerun.stderr
   assert f"Resuming from the checkpoint at step {saved}." in rerun.stderr
@@ -347,7 +354,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_and_a_killed_runs_lock_is_taken_
 
 @pytest.mark.slow
 def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_to_the_straight_runs_end(
-    mock_tfds, smoke_config, trained_workdir, tmp_path, monkeypatch):
+    mock_tfds, trained_config, trained_workdir, tmp_path, monkeypatch):
   del mock_tfds
   from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
   rename = async_path.rename
@@ -359,7 +366,7 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_to_the_straight
 
   monkeypatch.setattr(async_path, "rename", full_at_step_8)
   with pytest.raises(checkpoints.SaveError) as failure:
-    train.train_and_evaluate(smoke_config, str(tmp_path))
+    train.train_and_evaluate(trained_config, str(tmp_path))
   message = str(failure.value)
   assert "\n" not in message, message
   assert re.search(rf"the checkpoint at step 8 in {tmp_path / 'checkpoints'}: no space left on the "
@@ -370,5 +377,5 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_to_the_straight
   with open(tmp_path / workdirs.METRICS_FILE, "a", encoding="utf-8") as f:
     f.write('{"step": 8, "train_lo')  # And a row cut short, as by a kill mid-write.
   monkeypatch.undo()
-  train.train_and_evaluate(smoke_config, str(tmp_path))
-  _assert_same_run(tmp_path, trained_workdir, smoke_config)
+  train.train_and_evaluate(trained_config, str(tmp_path))
+  _assert_same_run(tmp_path, trained_workdir, trained_config)
