@@ -200,9 +200,9 @@ def check_config(config, workdir: str) -> None:
   group checked by the module that owns it, then the run's own fields and the workdir."""
   _check_run(config)
   models.check_config(config.model)
-  steps.check_config(config, jax.device_count())
   optimizers.check_config(config)
   input_pipeline.check_config(config, jax.device_count())
+  steps.check_config(config, jax.device_count())  # Micro-batches of a batch input accepts.
   datasets.check_config(config)
   inference.check_config(config)
   parallel.check_config(config)

@@ -25,10 +25,11 @@ pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` 
 
 REFERENCE_EPOCHS = 12
 STEPS_PER_EPOCH = 4  # 64 mock training examples in batches of 16.
-# The well-conditioned network of test_parallel.py (the 16x16 smoke one amplifies rounding).
+# The well-conditioned network of test_parallel.py (the 16x16 smoke one amplifies rounding),
+# with a weight average, which every comparison below includes.
 COMMON = ["--config=configs/cifar.py:smoke", "--config.data.download=False",
           "--config.log.progress_bar=False", "--config.model.shallow=True",
-          "--config.input.image_size=32",
+          "--config.input.image_size=32", "--config.ema.decay=0.9", "--config.ema.num_updates=True",
           "--config.model.stem_stride=1", "--config.checkpoint.keep=100",
           "--config.distributed.heartbeat_timeout_s=10", "--config.distributed.timeout_s=30"]
 # The most a run that should finish may take (~40 s here; a slow, loaded machine takes 3x).
@@ -44,10 +45,11 @@ def _start(workdir, *args, **kwargs):
 
 
 def _state_at(workdir, step):
-  """The TrainState (params, batch_stats, ...) of the checkpoint at `step` in `workdir`."""
+  """The TrainState (params, batch_stats, ema, ...) of the checkpoint at `step` in `workdir`."""
   from configs import cifar  # pylint: disable=g-import-not-at-top
   config = cifar.get_config("smoke")
   config.model.update(shallow=True, stem_stride=1)
+  config.ema.decay = 0.9
   template = checkpoints.state_template(config)
   manager = checkpoints.Checkpointer(workdirs.checkpoint_dir(str(workdir)), 100).manager
   restored = manager.restore(step, args=ocp.args.StandardRestore(
@@ -57,7 +59,8 @@ def _state_at(workdir, step):
 
 
 def _assert_states_equal(a, b, **tolerance):
-  for name in ("params", "batch_stats"):
+  assert a.ema is not None and b.ema is not None
+  for name in ("params", "batch_stats", "ema"):
     for x, y in zip(jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))):
       if tolerance:
         np.testing.assert_allclose(x, y, err_msg=name, **tolerance)

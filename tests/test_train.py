@@ -109,9 +109,9 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(
     mock_tfds, smoke_config, tmp_path, monkeypatch):
   del mock_tfds
   init_keys, create = [], steps.create_train_state
-  def create_train_state(model, tx, rng, image_size):
+  def create_train_state(model, tx, rng, image_size, **kwargs):
     init_keys.append(np.asarray(jax.random.key_data(rng)))
-    return create(model, tx, rng, image_size)
+    return create(model, tx, rng, image_size, **kwargs)
   monkeypatch.setattr(steps, "create_train_state", create_train_state)
   smoke_config.num_epochs = 1
   runs = {}
