@@ -23,8 +23,8 @@ def predict(workdir: str, paths, top: int = 5,
   trained = workdirs.load(workdir, raw)
   logits = workdirs.logits_fn(trained)
   results = []
-  for raw in pictures:
-    image = images.fit(raw, trained.config)
+  for picture in pictures:
+    image = images.fit(picture, trained.config)
     probs = np.asarray(jax.nn.softmax(logits(image[None]))[0])
     order = np.argsort(-probs)[:top]
     results.append([(trained.label_names[i], float(probs[i])) for i in order])

@@ -50,10 +50,8 @@ def check_config(config, num_devices: int) -> None:
 def create_train_state(model, tx, rng, image_size: int, ema: bool = False) -> TrainState:
   """A new TrainState; with `ema`, its weight average starts at the initial weights."""
   variables = models.init_variables(model, rng, image_size)
-  return with_weights(TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                        batch_stats=variables["batch_stats"],
-                                        ema={} if ema else None),
-                      variables["params"], variables["batch_stats"])
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables["batch_stats"], ema=variables if ema else None)
 
 
 def with_weights(state: TrainState, params, batch_stats) -> TrainState:

@@ -352,7 +352,7 @@ LAYOUT_FIELDS = ("alpha", "stem_stride", "shallow", "use_bias", "padding", "acti
 
 def start_from(state, config):
   """`state` with the params and BatchNorm statistics of `config.init_from`'s latest checkpoint
-(its weight average, if it kept one); this run's average, if kept, starts from them.
+  (its weight average, if it kept one); this run's average, if kept, starts from them.
 
   The layout (LAYOUT_FIELDS, input normalization) must be the same: weights do not carry over
   between paddings or activations. A head of another class count keeps its fresh init.
