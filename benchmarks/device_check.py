@@ -65,7 +65,7 @@ from configs import cifar  # pylint: disable=g-import-not-at-top
 from mobilenet_jax import train, workdirs  # pylint: disable=g-import-not-at-top
 
 TESTS = ("tests/test_arrays.py", "tests/test_configs.py", "tests/test_inference.py",
-         "tests/test_models.py", "tests/test_plot_curves.py", "tests/test_sampler.py",
+         "tests/test_models.py", "tests/test_plots.py", "tests/test_sampler.py",
          "tests/test_steps.py", "tests/test_throughput.py")
 # Dense tensor-core peaks (NVIDIA's datasheets): float32 rows at TF32's, which JAX's default
 # precision and PyTorch's cuDNN convolutions use on these cards.

@@ -222,6 +222,9 @@ def _log() -> ml_collections.ConfigDict:
   # loss is not finite (long epochs); None: once per epoch.
   g.every_steps = placeholder(int)
   g.progress_bar = True
+  # (first, end): a jax.profiler trace of steps first..end-1 in WORKDIR/plugins/profile, for
+  # TensorBoard's profile tab (`pip install tensorboard-plugin-profile`); None: no trace.
+  g.profile_steps = placeholder(tuple)
   return g
 
 

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from mobilenet_jax import datasets, errors, inference, input_pipeline, models, optimizers
-from mobilenet_jax import parallel, steps
+from mobilenet_jax import parallel, profiling, steps
 from mobilenet_jax import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Where configs/ is.
@@ -206,6 +206,7 @@ def check_config(config, workdir: str) -> None:
   datasets.check_config(config)
   inference.check_config(config)
   parallel.check_config(config)
+  profiling.check_config(config)
   _check_workdir(workdir)
 
 

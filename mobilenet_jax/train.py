@@ -19,7 +19,8 @@ import numpy as np
 import tqdm
 
 from mobilenet_jax import checkpoints, config_lib, datasets, errors, inference, optimizers
-from mobilenet_jax import metric_logging, models, parallel, sampler, steps, streaming, workdirs
+from mobilenet_jax import metric_logging, models, parallel, plots, profiling, sampler, steps
+from mobilenet_jax import streaming, workdirs
 from mobilenet_jax import summary as summary_lib
 
 
@@ -52,26 +53,6 @@ class _StopRequested:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-class Throughput:
-  """Training images per second, over the timed steps: each epoch's first step after a
-  (re)start includes compilation, so timing starts after it."""
-
-  def __init__(self):
-    self.seconds, self.images = 0.0, 0
-    self._start = self._from_step = None
-
-  def start(self, step: int) -> None:
-    self._start, self._from_step = time.time(), step
-
-  def stop(self, step: int, batch_size: int) -> None:
-    self.seconds += time.time() - self._start
-    self.images += (step - self._from_step) * batch_size
-
-  @property
-  def images_per_s(self):
-    return self.images / self.seconds if self.seconds else None
-
-
 @dataclasses.dataclass
 class _Run:
   """What the phases of a run share: set up once, `state` and `step` advanced by each epoch."""
@@ -86,6 +67,7 @@ class _Run:
   step: int
   first_step: int  # Where this invocation started (0, or the resumed checkpoint's step).
   feed: Any  # parallel.DeviceFeed or streaming.StreamFeed: each step's data arguments.
+  profiler: profiling.Profiler
 
   @property
   def steps_per_epoch(self) -> int:
@@ -109,7 +91,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = time.time()
   with workdirs.lock(workdir, config.distributed.timeout_s) as lock:
     run = _set_up(config, workdir, lock)
-    throughput, stop, last_eval = Throughput(), _StopRequested(), None
+    throughput, stop, last_eval = profiling.Throughput(), _StopRequested(), None
     try:
       while run.step < run.total_steps:
         sums = _train_epoch(run, throughput, stop)
@@ -120,6 +102,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_eval = _end_epoch(run, sums, throughput)
     finally:
       stop.restore()
+      run.profiler.stop()
       run.feed.close()
       run.checkpointer.close()
       if run.logger:
@@ -151,10 +134,10 @@ def _set_up(config, workdir: str, lock) -> _Run:
     workdirs.trim_metrics(workdir, step)
   logger = metric_logging.MetricLogger(workdir) if chief else None
   return _Run(config, workdir, lock, runner, summary, checkpointer, logger,
-              runner.put_state(state), step, step, feed)
+              runner.put_state(state), step, step, feed, profiling.Profiler(config, workdir))
 
 
-def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dict:
+def _train_epoch(run: _Run, throughput: profiling.Throughput, stop: _StopRequested) -> dict:
   """The rest of the current epoch (all of it unless resumed mid-epoch, or stopped by SIGTERM),
   with the step cadences' logs and checkpoints; returns its summed training metrics."""
   config, runner = run.config, run.runner
@@ -168,9 +151,11 @@ def _train_epoch(run: _Run, throughput: Throughput, stop: _StopRequested) -> dic
   with jax.transfer_guard_host_to_device("disallow"):
     with contextlib.closing(run.feed.train_steps(run.state, run.step, epoch_end)) as inputs:
       for args in inputs:
+        run.profiler.before_step(run.step)
         run.state, step_metrics = runner.train(run.state, *args)
         metrics.append(step_metrics)
         run.step += 1
+        run.profiler.after_step(run.step, step_metrics)
         if run.step == run.first_step + 1:  # Compiled: time from here.
           jax.block_until_ready(step_metrics)
           throughput.start(run.step)
@@ -234,12 +219,13 @@ def _log_steps(run: _Run, sums: dict) -> None:
   _log(run, scalars)
 
 
-def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
+def _end_epoch(run: _Run, sums: dict, throughput: profiling.Throughput):
   """Logs the epoch, evaluates and checkpoints when due; returns the evaluation's sums, if any."""
   config, runner, epoch = run.config, run.runner, run.step // run.steps_per_epoch
   finished = run.step == run.total_steps
-  scalars = {**_train_scalars(run, sums),
-             "train_images_per_s": throughput.images / max(throughput.seconds, 1e-9),
+  images_per_s = throughput.images / max(throughput.seconds, 1e-9)
+  scalars = {**_train_scalars(run, sums), "train_images_per_s": images_per_s,
+             "train_gflop_per_s": profiling.gflop_per_s(run.summary.macs, images_per_s),
              "epoch": epoch}
   evaluation = None
   if finished or epoch % config.eval.every_epochs == 0:
@@ -253,7 +239,7 @@ def _end_epoch(run: _Run, sums: dict, throughput: Throughput):
   return evaluation if finished else None
 
 
-def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) -> dict:
+def _final_results(run: _Run, last_eval, throughput: profiling.Throughput, wall_s: float) -> dict:
   """The final evaluation (the last epoch's, unless resumed after it or test-time translations
   are on: too costly for every epoch's), written to results.json."""
   config = run.config
@@ -261,11 +247,16 @@ def _final_results(run: _Run, last_eval, throughput: Throughput, wall_s: float) 
     last_eval = _evaluate(run.runner, run.feed, run.state, inference.Views.of(config))
   results = {**_test_results(last_eval), "epochs": config.num_epochs,
              "params": run.summary.params, "macs": run.summary.macs,
-             "train_images_per_s": throughput.images_per_s, "wall_s": wall_s}
+             "train_images_per_s": throughput.images_per_s,
+             "train_gflop_per_s": profiling.gflop_per_s(run.summary.macs,
+                                                        throughput.images_per_s),
+             "wall_s": wall_s}
   run.lock.check()
   if run.logger:
     workdirs.write_results(run.workdir, results)
     _print_results(results)
+    for path in (plots.curves(run.workdir), plots.confusion(run.workdir)):
+      logging.info("Wrote %s.", path)
   return results
 
 
@@ -274,14 +265,34 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   config = config_lib.with_global_batch(config)
   config_lib.check_config(config, workdir)
   state = workdirs.restore_trained(workdir, config)
-  _, runner, feed = _load(config)
+  data, runner, feed = _load(config)
   try:
     test = _evaluate(runner, feed, runner.put_state(state), inference.Views.of(config))
   finally:
     feed.close()
   results = {**_test_results(test), "step": int(state.step)}
   _print_results(results, f"step {results['step']}: ")
+  print(per_class_table(results, data.label_names), flush=True)
   return results
+
+
+def per_class_table(results: dict, label_names) -> str:
+  """Each class's accuracy, example count and the class it is most often mistaken for, from
+  the confusion matrix of the weight average when kept (as predict uses it), else the weights'."""
+  prefix = "ema_" if "ema_test_confusion" in results else ""
+  confusion = np.asarray(results[f"{prefix}test_confusion"])
+  mistaken = confusion - np.diag(np.diag(confusion))
+  width = max(len("class"), *map(len, label_names))
+  lines = [f"{'class':<{width}}  accuracy  examples  most often mistaken for "
+           f"({'weight average' if prefix else 'weights'})"]
+  for i, name in enumerate(label_names):
+    examples = int(confusion[i].sum())
+    other = int(np.argmax(mistaken[i]))
+    worst = (f"{label_names[other]} ({mistaken[i, other] / examples:.1%})"
+             if mistaken[i, other] else "-")
+    accuracy = f"{confusion[i, i] / examples:8.2%}" if examples else f"{'-':>8}"
+    lines.append(f"{name:<{width}}  {accuracy}  {examples:8d}  {worst}")
+  return "\n".join(lines)
 
 
 def _print_results(results: dict, prefix: str = "") -> None:

@@ -62,8 +62,9 @@ MODEL_ADDED = {"kernel_init": "he_normal", "padding": "symmetric", "activation":
                "bn_momentum": 0.9, "bn_epsilon": 1e-5, "dropout": 0.0}
 # Grouped fields added since, likewise: the grouping itself added the step cadences; the
 # optimizers, schedules, weight averaging and micro-batches came on 2026-12-04, when every run
-# was SGD on a piecewise schedule, without them.
-ADDED_FIELDS = {"ema.decay": 0.0, "ema.num_updates": False, "optim.micro_batches": 1,
+# was SGD on a piecewise schedule, without them; the profile on 2026-12-05.
+ADDED_FIELDS = {"log.profile_steps": None,
+                "ema.decay": 0.0, "ema.num_updates": False, "optim.micro_batches": 1,
                 "checkpoint.every_steps": None, "log.every_steps": None,
                 "optim.name": "sgd", "optim.nesterov": True, "optim.decay": None,
                 "optim.rms_decay": 0.9, "optim.rms_initial": 1.0, "optim.b1": 0.9,
@@ -90,13 +91,13 @@ def has_config(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, CONFIG_FILE))
 
 
-def _write(workdir: str, name: str, text: str) -> None:
+def write_file(workdir: str, name: str, data: str | bytes) -> None:
   """Writes the file whole or not at all: a temporary file, then a rename over the old one."""
   path = os.path.join(workdir, name)
   temporary = f"{path}.tmp.{os.getpid()}"
   try:
-    with open(temporary, "w", encoding="utf-8") as f:
-      f.write(text)
+    with open(temporary, "wb") as f:
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
       f.flush()
       os.fsync(f.fileno())  # Renamed before its data reach the disk, a crash could leave it empty.
     os.replace(temporary, path)
@@ -248,15 +249,15 @@ def lock(workdir: str, timeout_s: float = 60):
 
 
 def write_config(workdir: str, config) -> None:
-  _write(workdir, CONFIG_FILE, config.to_json_best_effort(indent=2))
+  write_file(workdir, CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
 def save_label_names(workdir: str, label_names) -> None:
-  _write(workdir, LABELS_FILE, json.dumps(list(label_names)))
+  write_file(workdir, LABELS_FILE, json.dumps(list(label_names)))
 
 
 def write_results(workdir: str, results: dict) -> None:
-  _write(workdir, RESULTS_FILE, json.dumps(results, indent=2))
+  write_file(workdir, RESULTS_FILE, json.dumps(results, indent=2))
 
 
 def trim_metrics(workdir: str, step: int) -> None:
@@ -266,7 +267,7 @@ def trim_metrics(workdir: str, step: int) -> None:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       rows = metric_logging.complete_records(f.read())
-    _write(workdir, METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows
+    write_file(workdir, METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows
                                           if row["step"] <= step))
 
 

@@ -107,7 +107,7 @@ def smoke_args(workdir, *flags):
 
 # The shared `trained_workdir`'s fields beyond the smoke preset's: a test that retrains it to
 # compare sets them too (`trained_args`, or its config updated with them).
-TRAINED_OVERRIDES = {"ema.decay": 0.5}
+TRAINED_OVERRIDES = {"ema.decay": 0.5, "log.profile_steps": (2, 4)}
 
 
 def trained_args(workdir, *flags):

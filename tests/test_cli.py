@@ -1,10 +1,12 @@
 """run.py's bad settings: one line naming the flag and the fix, no traceback, within seconds."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_mocked
@@ -79,6 +81,12 @@ def test_eval_reads_the_workdirs_config_and_a_bad_override_is_one_line(trained_w
   for weights, name in (("", ""), ("ema_", "weight average (config.ema): ")):  # As trained.
     assert (f"step 8: {name}test accuracy {trained[f'{weights}test_accuracy']:.4f} (top-5 "
             f"{trained[f'{weights}test_top5_accuracy']:.4f}) on 40 examples") in result.stdout
+  # The per-class table: the weight average's, as trained (its matrix: numpy's in test_steps).
+  confusion = np.asarray(trained["ema_test_confusion"])
+  names = json.loads((trained_workdir / "label_names.json").read_text())
+  for name, hits, count in zip(names, np.diag(confusion), confusion.sum(1)):
+    accuracy = f"{hits / count:.2%}" if count else "-"
+    assert re.search(rf"^{name} +{re.escape(accuracy)} +{count} ", result.stdout, re.M), name
   result = run_mocked("--config=configs/cifar.py", "--config.mode=eval",
                       "--config.model.alpha=0.5", f"--workdir={workdir}")
   _one_error_line(result, "does not fit the configured model")

@@ -19,7 +19,7 @@ from conftest import (TRAINED_OVERRIDES, assert_same_state, fresh_state, latest_
 from mobilenet_jax import arrays, checkpoints, config_lib, input_pipeline, metric_logging, steps
 from mobilenet_jax import train, workdirs
 
-TIMING = ("wall_s", "train_images_per_s")  # What two equal runs may differ in.
+TIMING = ("wall_s", "train_images_per_s", "train_gflop_per_s")  # Two equal runs may differ.
 
 
 @pytest.fixture
@@ -228,6 +228,10 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   assert "total" in stdout and "block13/pointwise/conv" in stdout  # The summary.
   records = metric_logging.read_metrics(str(trained_workdir))
   assert [r["epoch"] for r in records] == [1, 2] and "learning_rate" in records[0]
+  # A training image: its MACs x 2 FLOPs forward, x 3 with the backward pass.
+  for row in (results, *records):
+    assert row["train_gflop_per_s"] == pytest.approx(
+        results["macs"] * 6 * row["train_images_per_s"] / 1e9, rel=1e-9)
   # TensorBoard reads the same values at the same steps (float32, as its events hold them).
   events = event_accumulator.EventAccumulator(str(trained_workdir))
   events.Reload()
@@ -235,6 +239,38 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   assert {(e.step, tag): e.value for tag in events.Tags()["scalars"]
           for e in events.Scalars(tag)} == pytest.approx(logged, rel=1e-6)
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["4", "8"]
+
+
+@pytest.mark.slow
+def test_the_profiled_steps_leave_a_trace_where_tensorboards_profile_plugin_lists_runs(
+    trained_workdir):
+  # The plugin lists each folder of LOGDIR/plugins/profile that holds a HOST.xplane.pb as a run
+  # (xprof's profile_plugin.generate_runs). The trained run profiled steps 2 and 3.
+  sessions = list((trained_workdir / "plugins" / "profile").iterdir())
+  assert len(sessions) == 1
+  traces = list(sessions[0].glob("*.xplane.pb"))
+  assert len(traces) == 1
+  events = {event.name for plane in jax.profiler.ProfileData.from_file(str(traces[0])).planes
+            for line in plane.lines for event in line.events}
+  # The jit runner's train step was called (parallel.JitRunner's `gathered`) and XLA ran it.
+  assert {"PjitFunction(gathered)", "ThunkExecutor::Execute"} <= events
+
+
+def test_the_per_class_table_gives_each_class_its_accuracy_and_likeliest_mistake():
+  results = {"test_confusion": [[5, 1, 0], [2, 3, 1], [0, 0, 4]],  # Rows: the true class.
+             "ema_test_confusion": [[6, 0, 0], [0, 6, 0], [0, 1, 3]]}
+  lines = train.per_class_table(results, ("cat", "dog", "fish")).splitlines()
+  assert lines[0].split() == ["class", "accuracy", "examples", "most", "often", "mistaken",
+                              "for", "(weight", "average)"]
+  assert [line.split() for line in lines[1:]] == [
+      ["cat", "100.00%", "6", "-"], ["dog", "100.00%", "6", "-"],
+      ["fish", "75.00%", "4", "dog", "(25.0%)"]]
+  del results["ema_test_confusion"]
+  lines = train.per_class_table(results, ("cat", "dog", "fish")).splitlines()
+  assert "(weights)" in lines[0]
+  assert [line.split() for line in lines[1:]] == [
+      ["cat", "83.33%", "6", "dog", "(16.7%)"], ["dog", "50.00%", "6", "cat", "(33.3%)"],
+      ["fish", "100.00%", "4", "-"]]
 
 
 @pytest.mark.slow
