@@ -110,6 +110,22 @@ def _augment() -> ml_collections.ConfigDict:
   # Erase a square of this side (pixels, after translation and flip) around a random centre of
   # each training image, clipped at the border (DeVries & Taylor, 2017); 0: off.
   a.cutout = 0
+  # Random erasing (Zhong et al., 2017) as timm's --reprob and --remode, after the resize: with
+  # this probability a rectangle of 2-33% of the image, aspect ratio 0.3-3.3, is replaced by
+  # 'const' zeros (the mean colour), a 'rand' normal colour, or 'pixel' normal noise; 0: off.
+  a.erase_prob = 0.0
+  a.erase_mode = "const"
+  # Mixup (Zhang et al., 2017) and CutMix (Yun et al., 2019) as timm's Mixup: each image is mixed
+  # with the one at the mirrored position of the global batch, at a ratio drawn from
+  # Beta(alpha, alpha) (0: off), targets mixed alike (label smoothing included); with both on,
+  # CutMix with probability `mix_switch_prob`. Applied with probability `mix_prob`, per batch
+  # or per element (`mix_mode`). train_loss and train_accuracy are then against the label that
+  # weighs more in each image's target.
+  a.mixup_alpha = 0.0
+  a.cutmix_alpha = 0.0
+  a.mix_prob = 1.0
+  a.mix_switch_prob = 0.5
+  a.mix_mode = "batch"     # 'batch' | 'elem'
   a.label_smoothing = 0.0  # Training targets only; logged losses are plain cross-entropy.
   return a
 

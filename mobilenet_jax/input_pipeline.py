@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilenet_jax import errors, images, multihost
+from mobilenet_jax import errors, images, mixing, multihost
 
 # "inception": the random-resized crop and flip, on the host (streamed image files only).
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip", "inception")
+ERASE_MODES = ("const", "rand", "pixel")  # timm's --remode.
 MIN_IMAGE_SIZE = 8
 
 
@@ -82,11 +83,25 @@ def check_config(config, num_devices: int) -> None:
     raise errors.ConfigError(
         f"config.augment.cutout={augment.cutout}: expected the side in pixels of "
         "the square to erase (e.g. 8), or 0 for no cutout.")
+  _check_regularizers(augment)
   if len(inputs.mean) != 3 or len(inputs.std) != 3 or min(inputs.std) <= 0:
     raise errors.ConfigError(
         f"config.input.mean={inputs.mean} / config.input.std={inputs.std}: need one "
         "mean and one positive std per RGB channel (grayscale images are read as "
         "RGB).")
+
+
+def _check_regularizers(augment) -> None:
+  """Random erasing, Mixup and CutMix (`sampler.erasing_draws`, `sampler.mixing_draws`)."""
+  def require(ok, field, expected):
+    if not ok:
+      raise errors.ConfigError(f"config.augment.{field}={augment[field]!r}: {expected}.")
+  for field in ("erase_prob", "mix_prob", "mix_switch_prob"):
+    require(0 <= augment[field] <= 1, field, "must be a probability, in [0, 1]")
+  require(augment.erase_mode in ERASE_MODES, "erase_mode", f"expected one of {ERASE_MODES}")
+  for field in ("mixup_alpha", "cutmix_alpha"):
+    require(augment[field] >= 0, field, "must be >= 0 (0: off; timm's recipes use 0.1-1.0)")
+  require(augment.mix_mode in mixing.MODES, "mix_mode", f"expected one of {mixing.MODES}")
 
 
 def _data_dir(config):
@@ -247,6 +262,17 @@ def augment(images, draws, mode: str, padding: int, cutout: int = 0):
   return images
 
 
+def erase(images, draws):
+  """Random erasing: each image's `draws['erase_box']` (top, left, height, width) replaced by
+  `draws['erase_noise']` (per pixel or per channel), or by zeros (the mean colour) without it."""
+  n, h, w, c = images.shape
+  top, left, height, width = (draws["erase_box"][:, i, None] for i in range(4))
+  rows = (jnp.arange(h) >= top) & (jnp.arange(h) < top + height)
+  cols = (jnp.arange(w) >= left) & (jnp.arange(w) < left + width)
+  fill = draws.get("erase_noise", jnp.zeros((n, 1, 1, c), images.dtype))
+  return jnp.where((rows[:, :, None] & cols[:, None, :])[..., None], fill, images)
+
+
 def translate(images, dy: int, dx: int):
   """Shifts images down by dy and right by dx pixels (negative: up, left), with zero fill."""
   return jax.lax.pad(images, jnp.zeros((), images.dtype),
@@ -264,11 +290,14 @@ def resize(images, size: int):
 
 
 def preprocess(images, config, draws=None):
-  """uint8 images -> normalized (augmented if `draws` given) model inputs."""
+  """uint8 images -> normalized (augmented if `draws` given) model inputs. Random erasing, as
+  timm's, works on the model's input (after the resize); Mixup and CutMix come after it, in the
+  train step (`mixing.py`), as they mix labels too."""
   x = normalize(images, config.input.mean, config.input.std)
   if draws is not None:
     x = augment(x, draws, config.augment.name, config.augment.crop_padding, config.augment.cutout)
-  return resize(x, config.input.image_size)
+  x = resize(x, config.input.image_size)
+  return erase(x, draws) if draws is not None and "erase_box" in draws else x
 
 
 def eval_batches(split: Split, batch_size: int):

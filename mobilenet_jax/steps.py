@@ -1,9 +1,9 @@
 """The pure train and eval steps.
 
 `train_step` is a pure function of (state, batch, rng): it augments the uint8
-batch on device with the sampler's draws, runs the model in train mode (updating
-BatchNorm statistics), applies one update of the optimizer (`optimizers.py`) and moves the
-weights' moving average (`config.ema`). Under pmap, `axis_name` names the device axis:
+batch on device with the sampler's draws (Mixup and CutMix mix the targets too), runs the
+model in train mode (updating BatchNorm statistics), applies one update of the optimizer
+(`optimizers.py`) and moves the weights' moving average (`config.ema`). Under pmap, `axis_name` names the device axis:
 gradients are averaged across it and BatchNorm statistics are synchronized, so the result
 equals one device processing the whole global batch.
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mobilenet_jax import errors, inference, input_pipeline, models, optimizers, sampler
+from mobilenet_jax import errors, inference, input_pipeline, mixing, models, optimizers, sampler
 
 
 class TrainState(train_state.TrainState):
@@ -82,9 +82,8 @@ def _update_ema(state: TrainState, config, step) -> TrainState:
   return state.replace(ema=jax.tree.map(lambda a, w: a - rate * (a - w), state.ema, weights))
 
 
-def training_loss(logits, labels, label_smoothing: float = 0.0):
-  """Mean cross-entropy against one-hot labels mixed with `label_smoothing` of the uniform."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+def training_loss(logits, targets):
+  """Mean cross-entropy against soft `targets` (`mixing.targets`, or mixed by `mixing.mix`)."""
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
@@ -101,22 +100,27 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   """One optimizer step on `batch`; returns (state, metrics).
 
   `batch`: a `sampler.Sampler.batch`: uint8 NHWC 'image', int32 'label', and each image's
-  augmentation draws ('shift', 'flip', and 'cutout' with config.augment.cutout), applied here on
-  device.
+  augmentation draws (`Sampler.draws`), applied here on device.
   `rng`: the step's key (`Sampler.step_key`), which dropout draws from.
   """
   images = input_pipeline.preprocess(batch["image"], config, draws=batch)
+  labels, smoothing = batch["label"], config.augment.label_smoothing
+  if mixing.enabled(config.augment):
+    images, targets, labels = mixing.mix(images, labels, batch, config.model.num_classes,
+                                         smoothing, axis_name)
+  else:
+    targets = mixing.targets(labels, config.model.num_classes, smoothing)
   # Drawn only with config.model.dropout > 0; the augmentation draws used the key itself.
   dropout_key = sampler.dropout_key(rng)
 
   def micro_step(batch_stats, micro):
     """(gradient, metric sums) of one micro-batch, and the BatchNorm statistics after it."""
-    images, labels, key = micro
+    images, targets, labels, key = micro
     def loss_fn(params):
       logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
                                        images, train=True, mutable=["batch_stats"],
                                        rngs={"dropout": key})
-      loss = training_loss(logits, labels, config.augment.label_smoothing)
+      loss = training_loss(logits, targets)
       return (loss + optimizers.loss_weight_decay(config) * optimizers.l2_penalty(params),
               (logits, updates["batch_stats"]))
     grads, (logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -125,12 +129,12 @@ def train_step(state: TrainState, batch, rng, config, axis_name: str | None = No
   k = config.optim.micro_batches
   if k == 1:
     batch_stats, (grads, metrics) = micro_step(state.batch_stats,
-                                               (images, batch["label"], dropout_key))
+                                               (images, targets, labels, dropout_key))
   else:
     split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
     keys = jax.random.split(dropout_key, k)
     batch_stats, (grads, metrics) = jax.lax.scan(
-        micro_step, state.batch_stats, (split(images), split(batch["label"]), keys))
+        micro_step, state.batch_stats, (split(images), split(targets), split(labels), keys))
     grads = jax.tree.map(lambda g: g.mean(0), grads)
     metrics = jax.tree.map(lambda m: m.sum(0), metrics)
   if axis_name is not None:

@@ -105,6 +105,14 @@ def smoke_args(workdir, *flags):
           "--config.log.progress_bar=False", f"--workdir={workdir}", *flags]
 
 
+# Every on-device augmentation, for the tests that hold runs equal across inputs, resumes and
+# devices: translation, flip (alternating: it reads the example indices), cutout, random
+# erasing with per-pixel noise, Mixup and CutMix per element.
+EVERY_AUGMENTATION = {"augment.alternate_flips": True, "augment.cutout": 4,
+                      "augment.erase_prob": 0.5, "augment.erase_mode": "pixel",
+                      "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0,
+                      "augment.mix_mode": "elem"}
+
 # The shared `trained_workdir`'s fields beyond the smoke preset's: a test that retrains it to
 # compare sets them too (`trained_args`, or its config updated with them).
 TRAINED_OVERRIDES = {"ema.decay": 0.5, "log.profile_steps": (2, 4)}

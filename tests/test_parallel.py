@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, restore_latest, run_mocked
+from conftest import EVERY_AUGMENTATION, ROOT, restore_latest, run_mocked
 
 pytestmark = pytest.mark.slow  # Trains, or launches processes: `-m 'not slow'` skips it.
 
@@ -35,8 +35,8 @@ def test_jit_mesh_and_pmap_on_8_devices_equal_one_device(tmp_path):
   common = ["--config=configs/cifar.py:smoke", "--config.data.download=False",
             "--config.num_epochs=1", "--config.data.train_examples=32",
             "--config.log.progress_bar=False", "--config.eval.chunk=8", "--config.eval.flip=True",
-            "--config.eval.shift=2", "--config.augment.alternate_flips=True",
-            "--config.augment.cutout=8", *WELL_CONDITIONED]
+            "--config.eval.shift=2", *WELL_CONDITIONED,
+            *(f"--config.{k}={v}" for k, v in EVERY_AUGMENTATION.items())]
   runs = {"one": ({}, "jit"), "jit8": (EIGHT_DEVICES, "jit"), "pmap8": (EIGHT_DEVICES, "pmap")}
   for name, (env, mode) in runs.items():
     result = run_mocked(*common, f"--workdir={tmp_path / name}", f"--config.parallel={mode}",

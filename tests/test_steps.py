@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import fresh_state as _state, random_batch as _batch
-from mobilenet_jax import inference, input_pipeline, optimizers, parallel, steps, train
+from mobilenet_jax import inference, input_pipeline, mixing, optimizers, parallel, steps, train
 
 
 class _Traced:
@@ -245,9 +245,9 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
   labels = jnp.arange(8) % 10
   plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   uniform = jnp.mean(jax.nn.logsumexp(logits, -1) - logits.mean(-1))  # CE against 1/10 each.
-  np.testing.assert_allclose(steps.training_loss(logits, labels), plain, rtol=1e-6)
-  np.testing.assert_allclose(steps.training_loss(logits, labels, 0.2), 0.8 * plain + 0.2 * uniform,
-                             rtol=1e-5)
+  loss = lambda smoothing: steps.training_loss(logits, mixing.targets(labels, 10, smoothing))
+  np.testing.assert_allclose(loss(0.0), plain, rtol=1e-6)
+  np.testing.assert_allclose(loss(0.2), 0.8 * plain + 0.2 * uniform, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import (assert_same_state, make_image_folder, restore_latest, run_mocked,
-                      start_processes, wait_all, wait_for_checkpoint)
+from conftest import (EVERY_AUGMENTATION, assert_same_state, make_image_folder, restore_latest,
+                      run_mocked, start_processes, wait_all, wait_for_checkpoint)
 from mobilenet_jax import config_lib, datasets, errors, folders, images, predict, streaming
 from mobilenet_jax import train
 
@@ -27,9 +27,7 @@ def _train_both_ways(config, tmp_path):
 @pytest.mark.slow
 def test_streamed_cifar_trains_exactly_as_on_device(mock_tfds, smoke_config, tmp_path):
   del mock_tfds
-  # Every on-device draw: translation, flip (alternating: it reads the example indices), cutout.
-  smoke_config.update_from_flattened_dict({"augment.alternate_flips": True, "augment.cutout": 4,
-                                           "num_epochs": 1})
+  smoke_config.update_from_flattened_dict({**EVERY_AUGMENTATION, "num_epochs": 1})
   (device, device_results), (stream, stream_results) = _train_both_ways(smoke_config, tmp_path)
   assert_same_state(device, stream)
   # The device pipeline adds up the eval batches in float32, the stream in float64.

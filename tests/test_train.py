@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import (TRAINED_OVERRIDES, assert_same_state, fresh_state, latest_step,
-                      restore_latest, run_mocked, smoke_args, start_mocked, trained_args)
+from conftest import (EVERY_AUGMENTATION, TRAINED_OVERRIDES, assert_same_state, fresh_state,
+                      latest_step, restore_latest, run_mocked, smoke_args, start_mocked,
+                      trained_args)
 from mobilenet_jax import arrays, checkpoints, config_lib, input_pipeline, metric_logging, steps
 from mobilenet_jax import train, workdirs
 
@@ -147,7 +148,7 @@ def test_resumes_at_every_cadence_equal_a_straight_run_and_prune_old_checkpoints
     mock_tfds, smoke_config, tmp_path):
   del mock_tfds
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  smoke_config.update_from_flattened_dict({"augment.alternate_flips": True, "augment.cutout": 4,
+  smoke_config.update_from_flattened_dict({**EVERY_AUGMENTATION,
                                            "eval.every_epochs": 2, "checkpoint.every_epochs": 2,
                                            "checkpoint.keep": 1, "ema.decay": 0.9,
                                            "ema.num_updates": True, "optim.micro_batches": 2})
@@ -254,6 +255,14 @@ def test_the_profiled_steps_leave_a_trace_where_tensorboards_profile_plugin_list
             for line in plane.lines for event in line.events}
   # The jit runner's train step was called (parallel.JitRunner's `gathered`) and XLA ran it.
   assert {"PjitFunction(gathered)", "ThunkExecutor::Execute"} <= events
+
+
+@pytest.mark.parametrize("steps", [(5,), (4, 4), (-1, 3)])
+def test_a_bad_profile_range_is_one_line_naming_the_field(smoke_config, tmp_path, steps):
+  smoke_config.log.profile_steps = steps
+  with pytest.raises(config_lib.errors.ConfigError, match=re.escape(
+      f"config.log.profile_steps={steps}: expected (first, end) steps with 0 <= first < end")):
+    config_lib.check_config(smoke_config, str(tmp_path))
 
 
 def test_the_per_class_table_gives_each_class_its_accuracy_and_likeliest_mistake():
