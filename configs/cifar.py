@@ -110,6 +110,10 @@ def _augment() -> ml_collections.ConfigDict:
   # Erase a square of this side (pixels, after translation and flip) around a random centre of
   # each training image, clipped at the border (DeVries & Taylor, 2017); 0: off.
   a.cutout = 0
+  # RandAugment (Cubuk et al., 2019) in timm's notation (its --aa), e.g. 'rand-m9-mstd0.5-inc1':
+  # n ops per image (default 2) at magnitude m of 10, on device (mobilenet_jax/randaugment.py);
+  # '': off.
+  a.randaugment = ""
   # Random erasing (Zhong et al., 2017) as timm's --reprob and --remode, after the resize: with
   # this probability a rectangle of 2-33% of the image, aspect ratio 0.3-3.3, is replaced by
   # 'const' zeros (the mean colour), a 'rand' normal colour, or 'pixel' normal noise; 0: off.

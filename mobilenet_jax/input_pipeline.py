@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilenet_jax import errors, images, mixing, multihost
+from mobilenet_jax import errors, images, mixing, multihost, randaugment
 
 # "inception": the random-resized crop and flip, on the host (streamed image files only).
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip", "inception")
@@ -92,7 +92,7 @@ def check_config(config, num_devices: int) -> None:
 
 
 def _check_regularizers(augment) -> None:
-  """Random erasing, Mixup and CutMix (`sampler.erasing_draws`, `sampler.mixing_draws`)."""
+  """Random erasing, Mixup, CutMix and RandAugment (their draws: `sampler.py`)."""
   def require(ok, field, expected):
     if not ok:
       raise errors.ConfigError(f"config.augment.{field}={augment[field]!r}: {expected}.")
@@ -102,6 +102,7 @@ def _check_regularizers(augment) -> None:
   for field in ("mixup_alpha", "cutmix_alpha"):
     require(augment[field] >= 0, field, "must be >= 0 (0: off; timm's recipes use 0.1-1.0)")
   require(augment.mix_mode in mixing.MODES, "mix_mode", f"expected one of {mixing.MODES}")
+  randaugment.parse(augment.randaugment)  # Raises on a bad string.
 
 
 def _data_dir(config):
@@ -290,9 +291,14 @@ def resize(images, size: int):
 
 
 def preprocess(images, config, draws=None):
-  """uint8 images -> normalized (augmented if `draws` given) model inputs. Random erasing, as
-  timm's, works on the model's input (after the resize); Mixup and CutMix come after it, in the
-  train step (`mixing.py`), as they mix labels too."""
+  """uint8 images -> normalized (augmented if `draws` given) model inputs. RandAugment works on
+  the uint8 images first (before the translation and flip here; after the host's crop and flip
+  for streamed folders, as in timm); random erasing, as timm's, on the model's input (after the
+  resize); Mixup and CutMix come last, in the train step (`mixing.py`), as they mix labels
+  too."""
+  if draws is not None and "randaugment_op" in draws:
+    images = randaugment.apply(images, draws, randaugment.parse(config.augment.randaugment),
+                               jnp.round(jnp.asarray(config.input.mean)))
   x = normalize(images, config.input.mean, config.input.std)
   if draws is not None:
     x = augment(x, draws, config.augment.name, config.augment.crop_padding, config.augment.cutout)

@@ -6,9 +6,9 @@ Shuffling: each epoch is a fresh permutation drawn from `fold_in(key, epoch)`; a
 skipped, so every step has the same shape and no example is repeated within an epoch
 (different ones are skipped each epoch).
 
-Augmentation (translation, flip, cutout, random erasing, Mixup and CutMix) is drawn for the
-whole global batch from the step's key, then each device takes its slice: any sharding (jit mesh, pmap, one device, several
-processes) augments each image exactly the same way.
+Augmentation (RandAugment, translation, flip, cutout, random erasing, Mixup, CutMix) is drawn
+for the whole global batch from the step's key, then each device takes its slice: any sharding
+(jit mesh, pmap, one device, several processes) augments each image exactly the same way.
 
 Every random number of a run comes from one of the named streams below, all derived from
 config.seed here and only here; their constants are part of a run's identity (changing one
@@ -18,11 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobilenet_jax import randaugment
+
 SAMPLER_SEED_OFFSET = 1  # The sampler's key is key(seed + 1): key(seed) initializes the model.
 DROPOUT_STREAM = 1       # fold_in(step key, 1): dropout, for the whole global batch.
 CUTOUT_STREAM = 2        # fold_in(step key, 2): cutout centres.
 ERASE_STREAM = 3         # fold_in(step key, 3): random erasing.
 MIX_STREAM = 4           # fold_in(step key, 4): Mixup and CutMix.
+RANDAUGMENT_STREAM = 5   # fold_in(step key, 5): RandAugment.
 
 # timm's RandomErasing defaults: the erased share of the image, the aspect ratio's range, and
 # how many rectangles are drawn before one fits.
@@ -131,6 +134,24 @@ def cutmix_box(lam, centre, size: int):
   return box, (1 - (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]) / size**2).astype(jnp.float32)
 
 
+def randaugment_draws(rng, num_images: int, policy):
+  """RandAugment's choices for each image and layer, as timm's RandAugment makes them: the op
+  (uniform, with replacement), whether it applies (probability `policy.prob`), its magnitude
+  (normal around `policy.magnitude`, or uniform below it, clipped to [0, magnitude_max]) and
+  whether a signed op negates its argument (probability 1/2)."""
+  keys = jax.random.split(rng, 4)
+  shape = (num_images, policy.layers)
+  magnitude = jnp.full(shape, float(policy.magnitude))
+  if policy.magnitude_std == np.inf:
+    magnitude = jax.random.uniform(keys[2], shape, maxval=policy.magnitude)
+  elif policy.magnitude_std > 0:
+    magnitude = magnitude + policy.magnitude_std * jax.random.normal(keys[2], shape)
+  return {"randaugment_op": jax.random.randint(keys[0], shape, 0, len(policy.ops)),
+          "randaugment_applied": jax.random.uniform(keys[1], shape) <= policy.prob,
+          "randaugment_magnitude": jnp.clip(magnitude, 0, policy.magnitude_max),
+          "randaugment_negate": jax.random.bernoulli(keys[3], 0.5, shape)}
+
+
 def alternating_flips(rng, indices, epoch):
   """Flip decisions that alternate per example: example i is mirrored in every other epoch.
 
@@ -167,11 +188,14 @@ class Sampler:
   def draws(self, step, indices, offset: int = 0, size: int | None = None):
     """The augmentation draws of examples [offset, offset + size) of `step`'s global batch
     (all of it by default), dataset examples `indices`: {'shift', 'flip'}, and 'cutout',
-    'erase_*' and 'mix_*' when those are on."""
+    'randaugment_*', 'erase_*' and 'mix_*' when those are on."""
     config = self.config
     size = config.input.batch_size if size is None else size
     key, augment, n = self.step_key(step), config.augment, config.input.batch_size
     draws = augmentation_draws(key, n, augment.crop_padding, augment.cutout)
+    policy = randaugment.parse(augment.randaugment)
+    if policy:
+      draws.update(randaugment_draws(jax.random.fold_in(key, RANDAUGMENT_STREAM), n, policy))
     if augment.erase_prob:
       draws.update(erasing_draws(jax.random.fold_in(key, ERASE_STREAM), n,
                                  config.input.image_size, augment.erase_prob, augment.erase_mode))

@@ -63,9 +63,9 @@ MODEL_ADDED = {"kernel_init": "he_normal", "padding": "symmetric", "activation":
 # Grouped fields added since, likewise: the grouping itself added the step cadences; the
 # optimizers, schedules, weight averaging and micro-batches came on 2026-12-04, when every run
 # was SGD on a piecewise schedule, without them; the profile and augmentations on 2026-12-05.
-ADDED_FIELDS = {"log.profile_steps": None, "augment.erase_prob": 0.0,
-                "augment.erase_mode": "const", "augment.mixup_alpha": 0.0,
-                "augment.cutmix_alpha": 0.0, "augment.mix_prob": 1.0,
+ADDED_FIELDS = {"log.profile_steps": None, "augment.randaugment": "",
+                "augment.erase_prob": 0.0, "augment.erase_mode": "const",
+                "augment.mixup_alpha": 0.0, "augment.cutmix_alpha": 0.0, "augment.mix_prob": 1.0,
                 "augment.mix_switch_prob": 0.5, "augment.mix_mode": "batch",
                 "ema.decay": 0.0, "ema.num_updates": False, "optim.micro_batches": 1,
                 "checkpoint.every_steps": None, "log.every_steps": None,

@@ -106,9 +106,10 @@ def smoke_args(workdir, *flags):
 
 
 # Every on-device augmentation, for the tests that hold runs equal across inputs, resumes and
-# devices: translation, flip (alternating: it reads the example indices), cutout, random
-# erasing with per-pixel noise, Mixup and CutMix per element.
-EVERY_AUGMENTATION = {"augment.alternate_flips": True, "augment.cutout": 4,
+# devices: RandAugment, translation, flip (alternating: it reads the example indices), cutout,
+# random erasing with per-pixel noise, Mixup and CutMix per element.
+EVERY_AUGMENTATION = {"augment.randaugment": "rand-m9-mstd0.5-inc1",
+                      "augment.alternate_flips": True, "augment.cutout": 4,
                       "augment.erase_prob": 0.5, "augment.erase_mode": "pixel",
                       "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0,
                       "augment.mix_mode": "elem"}

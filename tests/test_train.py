@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import (EVERY_AUGMENTATION, TRAINED_OVERRIDES, assert_same_state, fresh_state,
-                      latest_step, restore_latest, run_mocked, smoke_args, start_mocked,
-                      trained_args)
+from conftest import (EVERY_AUGMENTATION, SHARED_TFDS, TRAINED_OVERRIDES, assert_same_state,
+                      fresh_state, latest_step, restore_latest, run_mocked, smoke_args,
+                      start_mocked, trained_args)
 from mobilenet_jax import arrays, checkpoints, config_lib, input_pipeline, metric_logging, steps
 from mobilenet_jax import train, workdirs
 
@@ -240,6 +240,21 @@ def test_run_py_end_to_end_writes_results_logs_and_checkpoints(trained_workdir):
   assert {(e.step, tag): e.value for tag in events.Tags()["scalars"]
           for e in events.Scalars(tag)} == pytest.approx(logged, rel=1e-6)
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["4", "8"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").exists(), reason="no prepared CIFAR-10")
+def test_a_short_cifar_run_with_every_augmentation_trains(smoke_config, tmp_path):
+  # 2,048 real CIFAR-10 images at 32x32, RandAugment, erasing, Mixup and CutMix per batch.
+  smoke_config.update_from_flattened_dict({
+      **EVERY_AUGMENTATION, "augment.mix_mode": "batch", "data.dir": str(SHARED_TFDS),
+      "data.download": False, "data.train_examples": 2048, "data.eval_examples": 256,
+      "input.image_size": 32, "input.batch_size": 64, "model.alpha": 0.5, "model.shallow": True,
+      "num_epochs": 3, "schedule.learning_rate": 0.1, "schedule.boundaries": (3,),
+      "schedule.rates": (0.1,)})
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  losses = [row["train_loss"] for row in metric_logging.read_metrics(str(tmp_path))]
+  assert losses[0] > losses[1] > losses[2], losses
 
 
 @pytest.mark.slow
