@@ -59,12 +59,12 @@ RESIZE = {"keras": "bilinear", "timm": "bicubic"}
 
 
 def get_config(preset: str = "keras") -> ml_collections.ConfigDict:
-  """`keras` or `timm`, optionally with `,cifar10`; or `train` or `paper`."""
+  """`keras` or `timm`, optionally with `,cifar10`; or `train`, `paper` or `timm_ra`."""
   name, _, target = preset.partition(",")
   if (name not in PRESETS or target not in ("", "cifar10") or
-      (name in ("train", "paper") and target)):
+      (name in ("train", "paper", "timm_ra") and target)):
     raise ValueError(f"Unknown preset {preset!r} in configs/imagenet.py: use 'keras' or 'timm', "
-                     "optionally followed by ',cifar10', or 'train' or 'paper'.")
+                     "optionally followed by ',cifar10', or 'train', 'paper' or 'timm_ra'.")
   c = cifar.base()
   PRESETS[name](c)
   if target:
@@ -160,4 +160,33 @@ def paper(c: ml_collections.ConfigDict) -> None:
   c.ema.update(decay=0.9999, num_updates=True)
 
 
-PRESETS = {"keras": keras, "timm": timm, "train": train, "paper": paper}
+def timm_ra(c: ml_collections.ConfigDict) -> None:
+  """timm's "RA" recipe, the template of its MobileNetV2/V3 `ra_in1k` weights (their model
+  cards; recipe B of Wightman et al., "ResNet strikes back", 2021), in the MobileNetV3-Large
+  line of timm's docs/training_hparam_examples.md (75.8% top-1 for that network; none published
+  for MobileNetV1), on timm's MobileNetV1 layout: RMSProp in TensorFlow's form (epsilon 1e-3),
+  0.064 for 1024 images decayed x0.973 every 2.4 epochs (staircase), weight decay 1e-5 (L2),
+  dropout 0.2, the weight average at 0.9999, RandAugment rand-m9-mstd0.5 and random erasing of
+  20% of the images with per-pixel noise, for 600 epochs. GPUs or TPUs for days; not yet run.
+
+    python run.py --config=configs/imagenet.py:timm_ra --config.data.name=folder:D --workdir=...
+
+  Chosen where the source leaves it open or we differ: a 3-epoch linear warm-up from 0 (timm's
+  default of the time, from 1e-6), no --lr-noise, RandAugment always bilinear (timm picks
+  bilinear or bicubic at random), and the input and streaming of `:train`.
+  """
+  timm(c)
+  c.data.name = "folder:~/imagenet"
+  c.input.update(mode="auto", per_process_batch_size=64)
+  c.augment.update(name="inception", randaugment="rand-m9-mstd0.5", erase_prob=0.2,
+                   erase_mode="pixel")
+  c.model.dropout = 0.2
+  c.optim.update(name="rmsprop", momentum=0.9, rms_decay=0.9, epsilon=1e-3, weight_decay=1e-5)
+  c.schedule.update(name="exponential", learning_rate=0.064, reference_batch=1024,
+                    decay_factor=0.973, decay_epochs=2.4, staircase=True, warmup_epochs=3.0)
+  c.ema.decay = 0.9999
+  c.num_epochs = 600
+  c.checkpoint.keep = 2
+
+
+PRESETS = {"keras": keras, "timm": timm, "train": train, "paper": paper, "timm_ra": timm_ra}

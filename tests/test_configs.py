@@ -91,6 +91,19 @@ def test_the_imagenet_recipes_are_slims_scaled_to_the_global_batch(monkeypatch, 
                                256 / per_rate * 0.045 * 0.94 ** (epoch // every), rtol=1e-6)
 
 
+def test_timms_ra_recipe_warms_up_then_decays_its_rate_per_1024_images(monkeypatch):
+  monkeypatch.setattr(config_lib.jax, "process_count", lambda: 4)
+  config = config_lib.with_global_batch(imagenet.get_config("timm_ra"))
+  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch=100)
+  peak = 0.064 * 256 / 1024
+  for epoch in (0, 1.5, 2.99, 3.0, 4.79, 4.8, 100.0, 599.99):
+    step = round(epoch * 100)
+    np.testing.assert_allclose(float(schedule(step)), peak * 0.973 ** (epoch // 2.4) *
+                               min(1.0, (step + 1) / 300), rtol=1e-5, err_msg=str(epoch))
+  assert (config.augment.randaugment, config.augment.erase_prob, config.ema.decay) == (
+      "rand-m9-mstd0.5", 0.2, 0.9999)
+
+
 def test_the_papers_recipe_is_tensorflows_rmsprop_with_a_weight_average():
   config = imagenet.get_config("paper")
   optim = config.optim
@@ -153,8 +166,9 @@ def test_the_readme_and_the_docstrings_name_the_presets_that_exist():
            re.findall(r"`([^`]+)`", row)}
   assert "*(none)*" in table
   assert named == {*cifar.PRESETS, "configs/imagenet.py:keras", ":timm",
-                   "configs/imagenet.py:train", "configs/imagenet.py:paper"}
-  assert set(imagenet.PRESETS) == {"keras", "timm", "train", "paper"}
+                   "configs/imagenet.py:train", "configs/imagenet.py:paper",
+                   "configs/imagenet.py:timm_ra"}
+  assert set(imagenet.PRESETS) == {"keras", "timm", "train", "paper", "timm_ra"}
   for module in (cifar, imagenet):  # Each preset's docstring holds its own command.
     for name, preset in module.PRESETS.items():
       assert f"{module.__name__.split('.')[-1]}.py:{name}" in preset.__doc__, name
