@@ -61,7 +61,7 @@ def test_mixed_images_and_targets_are_timms_from_the_same_draws(mode):
       expected[i] = images[i] * lam + images[j] * (1 - lam)
   np.testing.assert_array_equal(mixed, expected)
   timm_targets = timm_mixup.mixup_target(torch.from_numpy(labels), classes,
-                                         torch.from_numpy(draws["mix_lam"])[:, None], smoothing)
+                                         torch.tensor(draws["mix_lam"])[:, None], smoothing)
   np.testing.assert_allclose(targets, timm_targets.numpy(), rtol=1e-6, atol=1e-7)
   heavier = np.where(draws["mix_lam"] >= 0.5, labels, labels[::-1])
   np.testing.assert_array_equal(counted, heavier)
