@@ -294,8 +294,8 @@ def torch_long(c: ml_collections.ConfigDict) -> None:
 def torch_ra(c: ml_collections.ConfigDict) -> None:
   """`torch_long` with the CIFAR-10 augmentation of RandAugment (Cubuk et al., 2019): 3 ops per
   image, every one applied, at magnitude 5 (the paper's N and M for Wide-ResNet-28-10, 97.3%
-  there; none published for MobileNetV1), after translation and flip, with Cutout of 16 pixels
-  as the paper's baseline augmentation. A GPU for ~2 hours; not yet run here.
+  there; none published for MobileNetV1), with translation, flip and Cutout of 16 pixels, the
+  paper's baseline augmentation. A GPU for ~2 hours; not yet run here.
 
     .venv/bin/python run.py --config=configs/cifar.py:torch_ra --workdir=workdirs/torch_ra
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilenet_jax import errors, images, mixing, multihost, randaugment
+from mobilenet_jax import errors, images, multihost, randaugment
 
 # "inception": the random-resized crop and flip, on the host (streamed image files only).
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip", "inception")
@@ -92,16 +92,12 @@ def check_config(config, num_devices: int) -> None:
 
 
 def _check_regularizers(augment) -> None:
-  """Random erasing, Mixup, CutMix and RandAugment (their draws: `sampler.py`)."""
+  """Random erasing and RandAugment (their draws: `sampler.py`; Mixup and CutMix: `mixing.py`)."""
   def require(ok, field, expected):
     if not ok:
       raise errors.ConfigError(f"config.augment.{field}={augment[field]!r}: {expected}.")
-  for field in ("erase_prob", "mix_prob", "mix_switch_prob"):
-    require(0 <= augment[field] <= 1, field, "must be a probability, in [0, 1]")
+  require(0 <= augment.erase_prob <= 1, "erase_prob", "must be a probability, in [0, 1]")
   require(augment.erase_mode in ERASE_MODES, "erase_mode", f"expected one of {ERASE_MODES}")
-  for field in ("mixup_alpha", "cutmix_alpha"):
-    require(augment[field] >= 0, field, "must be >= 0 (0: off; timm's recipes use 0.1-1.0)")
-  require(augment.mix_mode in mixing.MODES, "mix_mode", f"expected one of {mixing.MODES}")
   randaugment.parse(augment.randaugment)  # Raises on a bad string.
 
 
@@ -256,22 +252,26 @@ def augment(images, draws, mode: str, padding: int, cutout: int = 0):
     images = jnp.where(draws["flip"][:, None, None, None], images[:, :, ::-1], images)
   if cutout:
     first = jnp.floor(draws["cutout"] * jnp.array([h, w])).astype(jnp.int32) - cutout // 2
-    inside = lambda size, start: ((jnp.arange(size) >= start[:, None]) &
-                                  (jnp.arange(size) < start[:, None] + cutout))
-    erased = inside(h, first[:, 0])[:, :, None] & inside(w, first[:, 1])[:, None, :]
-    images = jnp.where(erased[..., None], jnp.zeros((), images.dtype), images)
+    erased = in_boxes(h, w, first[:, 0], first[:, 0] + cutout, first[:, 1], first[:, 1] + cutout)
+    images = jnp.where(erased, jnp.zeros((), images.dtype), images)
   return images
+
+
+def in_boxes(h: int, w: int, top, bottom, left, right):
+  """(n, h, w, 1) masks, True inside each image's rows [top, bottom) and columns [left, right):
+  what cutout, random erasing and CutMix replace."""
+  rows = (jnp.arange(h) >= top[:, None]) & (jnp.arange(h) < bottom[:, None])
+  cols = (jnp.arange(w) >= left[:, None]) & (jnp.arange(w) < right[:, None])
+  return (rows[:, :, None] & cols[:, None, :])[..., None]
 
 
 def erase(images, draws):
   """Random erasing: each image's `draws['erase_box']` (top, left, height, width) replaced by
   `draws['erase_noise']` (per pixel or per channel), or by zeros (the mean colour) without it."""
   n, h, w, c = images.shape
-  top, left, height, width = (draws["erase_box"][:, i, None] for i in range(4))
-  rows = (jnp.arange(h) >= top) & (jnp.arange(h) < top + height)
-  cols = (jnp.arange(w) >= left) & (jnp.arange(w) < left + width)
+  top, left, height, width = (draws["erase_box"][:, i] for i in range(4))
   fill = draws.get("erase_noise", jnp.zeros((n, 1, 1, c), images.dtype))
-  return jnp.where((rows[:, :, None] & cols[:, None, :])[..., None], fill, images)
+  return jnp.where(in_boxes(h, w, top, top + height, left, left + width), fill, images)
 
 
 def translate(images, dy: int, dx: int):

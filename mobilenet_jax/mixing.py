@@ -10,7 +10,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mobilenet_jax import errors, input_pipeline
+
 MODES = ("batch", "elem")
+
+
+def check_config(augment) -> None:
+  def require(ok, field, expected):
+    if not ok:
+      raise errors.ConfigError(f"config.augment.{field}={augment[field]!r}: {expected}.")
+  for field in ("mix_prob", "mix_switch_prob"):
+    require(0 <= augment[field] <= 1, field, "must be a probability, in [0, 1]")
+  for field in ("mixup_alpha", "cutmix_alpha"):
+    require(augment[field] >= 0, field, "must be >= 0 (0: off; timm's recipes use 0.1-1.0)")
+  require(augment.mix_mode in MODES, "mix_mode", f"expected one of {MODES}")
 
 
 def enabled(augment) -> bool:
@@ -37,10 +50,7 @@ def mix(images, labels, draws, num_classes: int, label_smoothing: float, axis_na
   are those that weigh more in each target (what training accuracy is counted against)."""
   lam, cut, box = draws["mix_lam"], draws["mix_cut"], draws["mix_box"]
   partner, partner_labels = _reversed(images, axis_name), _reversed(labels, axis_name)
-  n, h, w, _ = images.shape
-  rows = (jnp.arange(h) >= box[:, 0, None]) & (jnp.arange(h) < box[:, 1, None])
-  cols = (jnp.arange(w) >= box[:, 2, None]) & (jnp.arange(w) < box[:, 3, None])
-  inside = (rows[:, :, None] & cols[:, None, :])[..., None]
+  inside = input_pipeline.in_boxes(*images.shape[1:3], *(box[:, i] for i in range(4)))
   weight = lam[:, None, None, None]
   blended = images * weight + partner * (1 - weight)
   images = jnp.where(cut[:, None, None, None], jnp.where(inside, partner, images), blended)

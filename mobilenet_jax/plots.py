@@ -47,8 +47,8 @@ def curves(workdir: str, title: str | None = None) -> str:
     raise errors.WorkdirError(f"{workdir}/metrics.jsonl has no records: plot once the run has "
                               "finished an epoch.")
   plt = _pyplot()
-  epochs = [r["epoch"] for r in records if "epoch" in r]
-  epoch_rows = [r for r in records if "epoch" in r]
+  epoch_rows = [r for r in records if "epoch" in r]  # Not log.every_steps' rows.
+  epochs = [r["epoch"] for r in epoch_rows]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy",
                                                                      "accuracy")):

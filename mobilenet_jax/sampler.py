@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilenet_jax import randaugment
+from mobilenet_jax import mixing, randaugment
 
 SAMPLER_SEED_OFFSET = 1  # The sampler's key is key(seed + 1): key(seed) initializes the model.
 DROPOUT_STREAM = 1       # fold_in(step key, 1): dropout, for the whole global batch.
@@ -199,7 +199,7 @@ class Sampler:
     if augment.erase_prob:
       draws.update(erasing_draws(jax.random.fold_in(key, ERASE_STREAM), n,
                                  config.input.image_size, augment.erase_prob, augment.erase_mode))
-    if augment.mixup_alpha or augment.cutmix_alpha:
+    if mixing.enabled(augment):
       draws.update(mixing_draws(jax.random.fold_in(key, MIX_STREAM), n, config.input.image_size,
                                 augment))
     draws = jax.tree.map(lambda d: jax.lax.dynamic_slice_in_dim(d, offset, size), draws)

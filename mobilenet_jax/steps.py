@@ -3,9 +3,9 @@
 `train_step` is a pure function of (state, batch, rng): it augments the uint8
 batch on device with the sampler's draws (Mixup and CutMix mix the targets too), runs the
 model in train mode (updating BatchNorm statistics), applies one update of the optimizer
-(`optimizers.py`) and moves the weights' moving average (`config.ema`). Under pmap, `axis_name` names the device axis:
-gradients are averaged across it and BatchNorm statistics are synchronized, so the result
-equals one device processing the whole global batch.
+(`optimizers.py`) and moves the weights' moving average (`config.ema`). Under pmap,
+`axis_name` names the device axis: gradients are averaged across it and BatchNorm statistics
+are synchronized, so the result equals one device processing the whole global batch.
 
 With `config.optim.micro_batches` = k > 1 the batch's gradient is the mean of k micro-batches'
 gradients, computed one after the other (a recipe's batch on fewer or smaller devices), and
@@ -30,13 +30,14 @@ class TrainState(train_state.TrainState):
 
 
 def check_config(config, num_devices: int) -> None:
-  """Rejects a bad label smoothing, weight average or micro-batch count (the optimizer and
-  schedule: optimizers.py)."""
+  """Rejects a bad label smoothing, Mixup or CutMix, weight average or micro-batch count (the
+  optimizer and schedule: optimizers.py)."""
   def require(ok, message):
     if not ok:
       raise errors.ConfigError(message)
   require(0 <= config.augment.label_smoothing < 1,
           f"config.augment.label_smoothing={config.augment.label_smoothing}: must be in [0, 1).")
+  mixing.check_config(config.augment)
   require(0 <= config.ema.decay < 1,
           f"config.ema.decay={config.ema.decay}: must be in [0, 1) (0: no weight average; "
           "TF-slim's is 0.9999).")

@@ -151,10 +151,13 @@ def test_clipping_scales_the_gradient_to_the_global_norm():
     ("schedule.decay_factor", 1.5, "config.schedule.decay_factor=1.5"),
     ("schedule.final_rate", 1.0, "config.schedule.final_rate=1.0: must be in"),
     ("ema.decay", 1.0, "config.ema.decay=1.0: must be in"),
+    ("augment.mixup_alpha", -0.2, "config.augment.mixup_alpha=-0.2: must be >= 0"),
+    ("augment.mix_switch_prob", -1.0, "config.augment.mix_switch_prob=-1.0: must be a"),
+    ("augment.mix_mode", "pair", "config.augment.mix_mode='pair': expected one of"),
     ("optim.micro_batches", 3, "config.optim.micro_batches=3: must be >= 1 and divide each "
      "device's share of config.input.batch_size=16"),
 ])
-def test_a_bad_optimizer_or_schedule_is_one_line_naming_the_field(field, value, match, tmp_path):
+def test_a_bad_optimizer_schedule_or_step_field_is_one_line_naming_it(field, value, match, tmp_path):
   config = cifar.get_config("smoke")  # 2 epochs.
   config.update_from_flattened_dict({field: value})
   with pytest.raises(errors.ConfigError, match=match.replace("(", r"\(")) as refusal:
